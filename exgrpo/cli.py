@@ -1,0 +1,34 @@
+"""`exgrpo` command line: one subcommand per stage, each in its own module.
+
+A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. They are imported
+lazily so that `exgrpo --help` stays fast and a missing optional dependency only breaks its own
+subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "backends": ("exgrpo.kernels_info", "list the kernel backends and why any is unavailable"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="exgrpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(_module=module)
+    # Parse the subcommand name first, then let its module add its own arguments.
+    args, rest = parser.parse_known_args(argv)
+    mod = importlib.import_module(args._module)
+    p = argparse.ArgumentParser(prog=f"exgrpo {args.command}", description=SUBCOMMANDS[args.command][1])
+    mod.add_arguments(p)
+    return int(mod.run(p.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
