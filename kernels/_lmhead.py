@@ -1,0 +1,229 @@
+"""The chunked LM-head driver and the autograd Functions, shared by every backend.
+
+Shape of the work, for N tokens, hidden H, vocabulary V:
+
+    for each chunk of n rows (n picked so that the chunk's logits fit the memory budget):
+        x   = h[rows] @ Wᵀ                      GEMM            [n, V] in the input dtype
+        epilogue.stats(x)                       one read of x   -> lse, z[target], entropy   ([n] fp32)
+        (fused loss only) coef = ∂loss/∂logp    per token, from the chunk's log-probs (see _loss.py)
+        epilogue.grad_(x)                       read + write x  -> x := ∂loss/∂x, in place
+        dh[rows] = x @ W;   dW += xᵀ @ h[rows]  GEMMs           (dW accumulates in fp32)
+
+The GEMMs are the library's (cuBLAS on a GPU), which is the fastest matmul there is; the epilogue is
+the backend's (torch ops, Triton, or CUDA C++). Only one `[n, V]` buffer is live at a time, so the
+extra memory is the chunk buffer plus dh [N, H] and an fp32 dW [V, H], never `[N, V]`.
+
+FLOPs: the fused loss does the forward GEMM once and the two gradient GEMMs once: 6·N·H·V, the
+useful minimum. `token_logprobs` cannot know its upstream gradient in the forward pass, so its
+backward recomputes the chunk logits: 2·N·H·V forward + 6·N·H·V backward.
+
+Derivatives (z = cap(x)/T, cap(x) = s·tanh(x/s), p = softmax(z), Ez = Σ p z = lse − H):
+    ∂logp/∂z_j = 1[j = target] − p_j
+    ∂H/∂z_j    = p_j·(Ez − z_j)
+    ∂z/∂x      = (1 − tanh²(x/s)) / T            (1/T without a softcap)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._loss import N_SUMS, LossSpec, TokenTerms, finish_metrics
+from .reference import IGNORE_INDEX
+
+DEFAULT_CHUNK_MB = 1024
+
+
+def chunk_budget_bytes(chunk_mb: float | None) -> int:
+    """The extra-memory budget for one chunk's logits and the epilogue's temporaries."""
+    if chunk_mb is None:
+        chunk_mb = float(os.environ.get("EXGRPO_CHUNK_MB", DEFAULT_CHUNK_MB))
+    if not chunk_mb > 0:
+        raise ValueError(f"chunk budget must be > 0 MB, got {chunk_mb}")
+    return int(chunk_mb * 2**20)
+
+
+def _chunks(N: int, V: int, bytes_per_logit: int, budget: int):
+    n = max(1, min(N, budget // max(1, V * bytes_per_logit)))
+    return [(lo, min(lo + n, N)) for lo in range(0, N, n)], n
+
+
+# ----------------------------------------------------------------------------- the torch epilogue
+
+def _capped(x32: torch.Tensor, inv_temp: float, softcap: float | None) -> torch.Tensor:
+    """z = cap(x) / T on an fp32 copy the caller owns (modified in place)."""
+    if softcap is not None:
+        x32.div_(softcap).tanh_().mul_(softcap)
+    return x32.mul_(inv_temp)
+
+
+class TorchEpilogue:
+    """The epilogue in PyTorch ops: the CPU training path. Needs ~3 fp32 [n, V] temporaries."""
+    name = "torch"
+    extra_bytes_per_logit = 12
+
+    def stats(self, x, targets, lse, zt, ent, inv_temp, softcap):
+        z = _capped(x.to(torch.float32, copy=True), inv_temp, softcap)   # [n, V]
+        torch.logsumexp(z, dim=-1, out=lse)
+        safe = targets.clamp(min=0)
+        zt.copy_(z.gather(1, safe.unsqueeze(1)).squeeze(1))
+        if ent is not None:
+            z.sub_(lse.unsqueeze(1))                            # log p
+            p = z.exp()
+            ent.copy_(-(p.mul_(z)).sum(-1))                     # H = −Σ p log p (no lse − Ez cancellation)
+
+    def grad_(self, x, targets, lse, ent, g_lp, g_ent, inv_temp, softcap):
+        valid = targets != IGNORE_INDEX
+        z = x.to(torch.float32, copy=True)
+        dcap = None
+        if softcap is not None:
+            z.div_(softcap).tanh_()
+            dcap = 1 - z * z                                    # 1 − tanh²(x/s)
+            z.mul_(softcap)
+        z.mul_(inv_temp)
+        p = (z - lse.unsqueeze(1)).exp_()                       # [n, V]
+        g_lp = torch.where(valid, g_lp, torch.zeros_like(g_lp)).unsqueeze(1)
+        if g_ent is not None:
+            g_ent = torch.where(valid, g_ent, torch.zeros_like(g_ent)).unsqueeze(1)
+            ez = (lse - ent).unsqueeze(1)
+            coef = z.neg_().add_(ez).mul_(g_ent).sub_(g_lp)     # g_ent·(Ez − z) − g_lp
+        else:
+            coef = -g_lp
+        dz = p.mul_(coef)
+        rows = valid.nonzero().squeeze(1)
+        dz[rows, targets[rows]] += g_lp[rows, 0]
+        dz.masked_fill_(~valid.unsqueeze(1), 0.0)               # ignored rows: no gradient, even from NaN
+        if dcap is not None:
+            dz.mul_(dcap)
+        x.copy_(dz.mul_(inv_temp))
+
+
+# ----------------------------------------------------------------------------- the chunk loops
+
+def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entropy=False,
+           grad_from=None, coef_fn=None, stats=None):
+    """One pass over the chunks. Modes:
+      stats only                      (grad_from=None, coef_fn=None): returns lse, zt, ent
+      backward from upstream grads    (grad_from=(lse, ent, g_lp, g_ent)): returns dh, dW
+      fused forward + gradient        (coef_fn=f(logp_chunk, lo, hi) -> coef_chunk): returns lse, zt, dh, dW
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    chunks, n_max = _chunks(N, V, hidden.element_size() + epi.extra_bytes_per_logit, budget)
+    buf = torch.empty(n_max, V, dtype=hidden.dtype, device=dev)
+    need_grad = grad_from is not None or coef_fn is not None
+    if grad_from is None:
+        lse = torch.empty(N, dtype=torch.float32, device=dev)
+        zt = torch.empty(N, dtype=torch.float32, device=dev)
+        ent = torch.empty(N, dtype=torch.float32, device=dev) if want_entropy else None
+    else:
+        lse, ent, g_lp_all, g_ent_all = grad_from
+    if need_grad:
+        dh = torch.empty_like(hidden)
+        dW = torch.zeros(V, H, dtype=torch.float32, device=dev)
+    for lo, hi in chunks:
+        h = hidden[lo:hi]
+        x = buf[: hi - lo]
+        torch.mm(h, weight.T, out=x)                            # [n, V]
+        tgt = targets[lo:hi]
+        if grad_from is None:
+            epi.stats(x, tgt, lse[lo:hi], zt[lo:hi], None if ent is None else ent[lo:hi], inv_temp, softcap)
+        if not need_grad:
+            continue
+        if coef_fn is not None:
+            logp = torch.where(tgt != IGNORE_INDEX, zt[lo:hi] - lse[lo:hi], torch.zeros_like(zt[lo:hi]))
+            g_lp, g_ent, e = coef_fn(logp, lo, hi), None, None
+        else:
+            g_lp = g_lp_all[lo:hi]
+            g_ent = None if g_ent_all is None else g_ent_all[lo:hi]
+            e = None if ent is None else ent[lo:hi]
+        epi.grad_(x, tgt, lse[lo:hi], e, g_lp, g_ent, inv_temp, softcap)   # x := ∂loss/∂x
+        torch.mm(x, weight, out=dh[lo:hi])                      # [n, H]
+        if dW.dtype == x.dtype:
+            dW.addmm_(x.T, h)
+        else:                                                   # bf16/fp16 GEMM, fp32 accumulation across chunks
+            dW.add_(x.T @ h)
+    if coef_fn is not None:
+        return lse, zt, dh, dW
+    if grad_from is not None:
+        return dh, dW
+    return lse, zt, ent
+
+
+class TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, backend, inv_temp, softcap, budget, want_entropy):
+        from ._checks import check_finite_outputs
+        lse, zt, ent = _sweep(hidden, weight, targets, backend.epilogue, inv_temp=inv_temp, softcap=softcap,
+                              budget=budget, want_entropy=want_entropy)
+        valid = targets != IGNORE_INDEX
+        check_finite_outputs(lse, valid, hidden, weight)
+        logp = torch.where(valid, zt - lse, torch.zeros_like(lse))
+        ctx.save_for_backward(hidden, weight, targets, lse, ent if want_entropy else None)
+        ctx.cfg = (backend, inv_temp, softcap, budget)
+        if want_entropy:
+            return logp, torch.where(valid, ent, torch.zeros_like(ent))
+        return logp
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent=None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        backend, inv_temp, softcap, budget = ctx.cfg
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = None if (g_ent is None or ent is None) else g_ent.float().contiguous()
+        dh, dW = _sweep(hidden, weight, targets, backend.epilogue, inv_temp=inv_temp, softcap=softcap,
+                        budget=budget, grad_from=(lse, ent, g_lp, g_ent))
+        return (dh if ctx.needs_input_grad[0] else None, dW.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                None, None, None, None, None, None)
+
+
+class PolicyLoss(torch.autograd.Function):
+    """loss(logp) from the backend's per-token terms; the gradient is coef, saved in forward."""
+
+    @staticmethod
+    def forward(ctx, logp, terms: TokenTerms, spec: LossSpec, backend):
+        coef, sums = backend.loss_terms(logp.detach().reshape(-1).float().contiguous(), terms, spec)
+        ctx.save_for_backward(coef)
+        ctx.shape_dtype = (logp.shape, logp.dtype)
+        return sums
+
+    @staticmethod
+    def backward(ctx, g_sums):
+        (coef,) = ctx.saved_tensors
+        shape, dtype = ctx.shape_dtype
+        return (coef * g_sums[0]).reshape(shape).to(dtype), None, None, None
+
+
+class FusedLoss(torch.autograd.Function):
+    """policy_loss(token_logprobs(...)) in one pass: the gradients are made in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, terms: TokenTerms, spec: LossSpec, backend, inv_temp, softcap,
+                budget):
+        from ._checks import check_finite_outputs
+        sums = torch.zeros(N_SUMS, dtype=torch.float32, device=hidden.device)
+
+        def coef_fn(logp, lo, hi):
+            coef, part = backend.loss_terms(logp, terms.rows(lo, hi), spec)
+            sums.add_(part)
+            return coef
+
+        lse, zt, dh, dW = _sweep(hidden, weight, targets, backend.epilogue, inv_temp=inv_temp, softcap=softcap,
+                                 budget=budget, coef_fn=coef_fn)
+        check_finite_outputs(lse, targets != IGNORE_INDEX, hidden, weight)
+        ctx.save_for_backward(dh, dW)
+        ctx.w_dtype = weight.dtype
+        return sums
+
+    @staticmethod
+    def backward(ctx, g_sums):
+        dh, dW = ctx.saved_tensors
+        g = g_sums[0]
+        dh = dh * g.to(dh.dtype) if ctx.needs_input_grad[0] else None
+        dW = (dW * g).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return dh, dW, None, None, None, None, None, None, None
+
+
+def policy_loss_from_sums(sums, terms):
+    return sums[0], finish_metrics(sums, terms)
