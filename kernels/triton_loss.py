@@ -47,7 +47,7 @@ def _advantages_kernel(OUTCOME, IS_FULL, ADV, CENTRED, TOTAL, FIRED, G, delta, n
     p_full = tl.sum(tl.where(full, r, 0.0), 0) / tl.maximum(n_full, 1.0)
     p_part = tl.sum(tl.where(part, r, 0.0), 0) / tl.maximum(n_part, 1.0)
     fired = (n_full > 0.0) & (p_full > nu * p_part)
-    total = r + tl.where(fired & full & (r >= 1.0), delta, 0.0)
+    total = r + tl.where(full & (r >= 1.0), tl.where(fired, delta, 0.0), 0.0)
     if BY_SCENARIO:
         c_f, a_f = _centre_scale(total, full, eps)
         c_p, a_p = _centre_scale(total, part, eps)

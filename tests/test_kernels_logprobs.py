@@ -1,0 +1,164 @@
+"""token_logprobs against the float64 spec: values and both gradients, every backend, ugly shapes."""
+import exgrpo.kernels as K
+import pytest
+import torch
+from _helpers import assert_like_eager, assert_rel
+from exgrpo.kernels import reference as R
+
+BACKENDS = ["torch", "triton"]
+
+
+def make(N, H, V, *, seed, ignore_frac=0.2, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * (scale / H**0.5) * 3
+    t = torch.randint(0, V, (N,), generator=g)
+    t[torch.rand(N, generator=g) < ignore_frac] = -100
+    # upstream gradients for both outputs: random, so every row's coefficient differs
+    g_lp = torch.randn(N, generator=g, dtype=torch.float64)
+    g_ent = torch.randn(N, generator=g, dtype=torch.float64)
+    return h, W, t, g_lp, g_ent
+
+
+def run(fn, h, W, t, g_lp, g_ent, dtype, **kw):
+    h = h.detach().to(dtype, copy=True).requires_grad_()
+    W = W.detach().to(dtype, copy=True).requires_grad_()
+    lp, ent = fn(h, W, t, return_entropy=True, **kw)
+    ((lp.double() * g_lp).sum() + (ent.double() * g_ent).sum()).backward()
+    return lp.detach(), ent.detach(), h.grad, W.grad
+
+
+CASES = [
+    # N, H, V, temperature, softcap
+    (37, 48, 1031, 1.0, None),        # odd sizes, V not a multiple of any block
+    (5, 16, 4099, 0.7, None),         # temperature != 1, V just above a power of two
+    (29, 40, 777, 1.3, 3.0),          # softcap (Gemma-2 style), strong enough to bend the logits
+    (1, 8, 3, 1.0, None),             # a single row, a tiny vocabulary
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N,H,V,temperature,softcap", CASES)
+def test_fp32_matches_float64_spec(backend, N, H, V, temperature, softcap):
+    h, W, t, g_lp, g_ent = make(N, H, V, seed=N * 1000 + V)
+    kw = dict(temperature=temperature, softcap=softcap)
+    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64, **kw)
+    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend, **kw)
+    for name, o, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref):
+        assert_rel(o, r, 1e-5, f"{backend} {name}")
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+    ignored = t == -100
+    assert (out[0][ignored] == 0).all() and (out[1][ignored] == 0).all()
+    assert (out[2][ignored] == 0).all(), "ignored positions must get no gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunking_does_not_change_the_result(backend):
+    """A budget that fits a few rows forces many chunks and a ragged last one."""
+    h, W, t, g_lp, g_ent = make(53, 24, 1500, seed=7)
+    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64)
+    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend, chunk_mb=0.1)
+    for name, o, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref):
+        assert_rel(o, r, 1e-5, f"{backend} chunked {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_vocabulary(backend):
+    """Gemma's V = 256000 with a few rows: the online log-sum-exp over many blocks."""
+    h, W, t, g_lp, g_ent = make(6, 32, 256000, seed=11, ignore_frac=0.0)
+    t[2] = 255999                                                   # the last vocabulary entry
+    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64)
+    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend)
+    for name, o, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref):
+        assert_rel(o, r, 1e-5, f"{backend} V=256000 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_bf16_within_twice_eager_error(backend, softcap):
+    h, W, t, g_lp, g_ent = make(45, 64, 2053, seed=3)
+    kw = dict(temperature=0.9, softcap=softcap)
+    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64, **kw)
+    eager = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.bfloat16, **kw)
+    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.bfloat16, backend=backend, **kw)
+    assert out[2].dtype == torch.bfloat16 and out[3].dtype == torch.bfloat16
+    for name, o, e, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, eager, ref):
+        assert_like_eager(o, r, e, f"{backend} bf16 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16(backend):
+    h, W, t, g_lp, g_ent = make(19, 32, 999, seed=5)
+    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64)
+    eager = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float16)
+    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float16, backend=backend)
+    for name, o, e, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, eager, ref):
+        assert_like_eager(o, r, e, f"{backend} fp16 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_embedding_gets_both_gradients(backend):
+    """Gemma ties the LM head to the input embedding: its gradient is the sum of both uses."""
+    g = torch.Generator().manual_seed(21)
+    V, H, B, L = 311, 24, 3, 9
+    emb64 = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4
+    proj64 = torch.randn(H, H, generator=g, dtype=torch.float64) / H**0.5
+    ids = torch.randint(0, V, (B, L), generator=g)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = -100
+
+    def step(fn, dtype, **kw):
+        emb = emb64.to(dtype, copy=True).requires_grad_()
+        hidden = torch.tanh(emb[ids] @ proj64.to(dtype))            # a stand-in for the decoder
+        lp = fn(hidden, emb, targets, **kw)
+        lp.double().sum().backward()
+        return lp.detach(), emb.grad
+
+    lp_r, g_r = step(R.token_logprobs_ref, torch.float64)
+    lp_o, g_o = step(K.token_logprobs, torch.float32, backend=backend)
+    assert lp_o.shape == (B, L)
+    assert_rel(lp_o, lp_r, 1e-5, "logp")
+    assert_rel(g_o, g_r, 1e-5, "tied embedding grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_targets_ignored(backend):
+    h, W, t, g_lp, g_ent = make(4, 8, 50, seed=2, ignore_frac=1.0)
+    lp, ent, dh, dW = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend)
+    assert (lp == 0).all() and (ent == 0).all() and (dh == 0).all() and (dW == 0).all()
+
+
+def test_leading_dims_and_logp_only():
+    h, W, t, g_lp, _ = make(24, 16, 300, seed=9)
+    out = K.token_logprobs(h.float().reshape(2, 3, 4, 16), W.float(), t.reshape(2, 3, 4))
+    assert out.shape == (2, 3, 4)
+    assert_rel(out.reshape(-1), R.token_logprobs_ref(h, W, t), 1e-5, "logp [2,3,4]")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_gemma7b_shape_bf16(backend):
+    """Gemma-7B LM head at training size: H=3072, V=256000, N=16384, bf16 (run when a GPU is lent).
+
+    The float64 spec at this size would need [16384, 256000] float64 logits (34 GB), so the truth is
+    computed in float64 a row block at a time, by the same autograd spec."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    N, H, V = 16384, 3072, 256000
+    h = torch.randn(N, H, generator=g, device=dev, dtype=torch.bfloat16)
+    W = (torch.randn(V, H, generator=g, device=dev, dtype=torch.bfloat16) * 0.02)
+    t = torch.randint(0, V, (N,), generator=g, device=dev)
+    g_lp = torch.randn(N, generator=g, device=dev)
+    hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+    lp = K.token_logprobs(hh, WW, t, backend=backend)
+    (lp * g_lp).sum().backward()
+    # truth and bf16 eager on a row sample (all of dW would need every row: check dh and logp on rows)
+    rows = torch.arange(0, N, 97, device=dev)
+    hs = h[rows].double().requires_grad_()
+    lr = R.token_logprobs_ref(hs, W.double(), t[rows])
+    (lr * g_lp[rows].double()).sum().backward()
+    he = h[rows].clone().requires_grad_()
+    le = R.token_logprobs_ref(he, W, t[rows])
+    (le.double() * g_lp[rows].double()).sum().backward()
+    assert_like_eager(lp[rows].detach(), lr.detach(), le.detach(), "logp")
+    assert_like_eager(hh.grad[rows], hs.grad, he.grad, "d_hidden")

@@ -1,0 +1,194 @@
+"""policy_loss and fused_exgrpo_loss against the float64 spec: loss, metrics and gradients."""
+
+import zlib
+
+import exgrpo.kernels as K
+import pytest
+import torch
+from _helpers import assert_like_eager, assert_rel
+from exgrpo.kernels import reference as R
+
+BACKENDS = ["torch", "triton"]
+
+
+def make_batch(B, L, H, V, *, seed, off_policy=True, with_ref=True, weights=None, sft=True, temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, L, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) * 2 / H**0.5
+    t = torch.randint(0, V, (B, L), generator=g)
+    pad = torch.rand(B, L, generator=g) < 0.15  # heavy padding, scattered
+    t[pad] = -100
+    mask = (torch.rand(B, L, generator=g) < 0.6) & ~pad
+    mask[0] = False  # one fully masked sequence
+    sft_mask = ((torch.rand(B, L, generator=g) < 0.4) & ~pad & ~mask) if sft else None
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[1], adv[-1] = adv[1].abs() + 0.1, -adv[-1].abs() - 0.1  # both signs on unmasked sequences
+    with torch.no_grad():
+        lp = R.token_logprobs_ref(h, W, t, temperature=temperature)
+    # off-policy drift large enough that both clip sides and both advantage signs occur
+    old = (lp + 0.4 * torch.randn(B, L, generator=g, dtype=torch.float64)) if off_policy else None
+    ref = (lp + 0.3 * torch.randn(B, L, generator=g, dtype=torch.float64)) if with_ref else None
+    if weights == "seq":
+        weights = torch.rand(B, generator=g, dtype=torch.float64) + 0.5
+    elif weights == "token":
+        weights = torch.rand(B, L, generator=g, dtype=torch.float64) + 0.5
+    return dict(h=h, W=W, t=t, mask=mask, sft_mask=sft_mask, adv=adv, old=old, ref=ref, weights=weights)
+
+
+def as_dtype(x, dtype):
+    return None if x is None else (x.to(dtype) if x.dtype.is_floating_point else x)
+
+
+def fused(fn, b, dtype, **kw):
+    h = b["h"].to(dtype, copy=True).requires_grad_()
+    W = b["W"].to(dtype, copy=True).requires_grad_()
+    f32 = torch.float64 if dtype == torch.float64 else torch.float32
+    loss, metrics = fn(
+        h,
+        W,
+        b["t"],
+        b["mask"],
+        as_dtype(b["adv"], f32),
+        old_logp=as_dtype(b["old"], f32),
+        ref_logp=as_dtype(b["ref"], f32),
+        weights=as_dtype(b["weights"], f32),
+        sft_mask=b["sft_mask"],
+        **kw,
+    )
+    loss.backward()
+    return loss.detach(), metrics, h.grad, W.grad
+
+
+VARIANTS = [
+    # reduction, off_policy, with_ref, weights, sft, aux_coef, beta
+    ("token_mean", True, True, None, True, 0.1, 0.04),
+    ("token_mean", False, True, "token", False, 0.0, 0.04),  # on-policy
+    ("seq_mean", True, True, "seq", True, 0.3, 0.1),
+    ("constant", True, False, None, True, 0.1, 0.04),  # no reference model
+    ("constant", False, True, "token", True, 0.2, 0.0),  # beta = 0
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction,off_policy,with_ref,weights,sft,aux_coef,beta", VARIANTS)
+def test_fused_loss_fp32(backend, reduction, off_policy, with_ref, weights, sft, aux_coef, beta):
+    b = make_batch(
+        5,
+        23,
+        40,
+        1031,
+        seed=zlib.crc32(repr((reduction, off_policy, weights)).encode()) % 1000,
+        off_policy=off_policy,
+        with_ref=with_ref,
+        weights=weights,
+        sft=sft,
+        temperature=0.8,
+    )
+    kw = dict(reduction=reduction, aux_coef=aux_coef, beta=beta, eps_low=0.2, eps_high=0.28, temperature=0.8)
+    lr, mr, dhr, dWr = fused(R.fused_exgrpo_loss_ref, b, torch.float64, **kw)
+    lo, mo, dho, dWo = fused(K.fused_exgrpo_loss, b, torch.float32, backend=backend, **kw)
+    assert_rel(lo, lr, 1e-5, "loss")
+    assert_rel(dho, dhr, 1e-5, "d_hidden")
+    assert_rel(dWo, dWr, 1e-5, "d_weight")
+    for k in mr:
+        assert abs(mo[k].item() - mr[k].item()) <= 1e-5 * max(1.0, abs(mr[k].item())), (k, mo[k], mr[k])
+    if off_policy:
+        assert mr["clip_frac_low"] > 0 and mr["clip_frac_high"] > 0, "the case must exercise both clip sides"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_equals_policy_loss_of_token_logprobs(backend):
+    """The public contract: fused == policy_loss(token_logprobs(...)) in value and gradients."""
+    b = make_batch(4, 17, 32, 517, seed=5, weights="token")
+    kw = dict(reduction="seq_mean", aux_coef=0.1, beta=0.04)
+    lf, mf, dhf, dWf = fused(K.fused_exgrpo_loss, b, torch.float32, backend=backend, chunk_mb=0.05, **kw)
+    h = b["h"].float().requires_grad_()
+    W = b["W"].float().requires_grad_()
+    lp = K.token_logprobs(h, W, b["t"], backend=backend)
+    ls, ms = K.policy_loss(
+        lp,
+        b["old"].float(),
+        b["ref"].float(),
+        b["adv"].float(),
+        b["mask"],
+        weights=b["weights"].float(),
+        sft_mask=b["sft_mask"],
+        backend=backend,
+        **kw,
+    )
+    ls.backward()
+    assert_rel(lf, ls.detach(), 1e-6, "loss")
+    assert_rel(dhf, h.grad, 1e-5, "d_hidden")
+    assert_rel(dWf, W.grad, 1e-5, "d_weight")
+    for k in ms:
+        assert torch.allclose(mf[k], ms[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_loss_bf16_within_twice_eager_error(backend):
+    b = make_batch(4, 31, 64, 2053, seed=17, weights="seq")
+    kw = dict(reduction="token_mean", aux_coef=0.1, beta=0.04)
+    ref = fused(R.fused_exgrpo_loss_ref, b, torch.float64, **kw)
+    eager = fused(R.fused_exgrpo_loss_ref, b, torch.bfloat16, **kw)
+    out = fused(K.fused_exgrpo_loss, b, torch.bfloat16, backend=backend, **kw)
+    assert out[2].dtype == torch.bfloat16 and out[3].dtype == torch.bfloat16
+    for i, name in ((0, "loss"), (2, "d_hidden"), (3, "d_weight")):
+        assert_like_eager(out[i], ref[i], eager[i], f"{backend} bf16 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean", "constant"])
+@pytest.mark.parametrize("off_policy", [True, False])
+def test_policy_loss_matches_spec(backend, reduction, off_policy):
+    g = torch.Generator().manual_seed(31)
+    B, L = 6, 29
+    logp64 = -torch.rand(B, L, generator=g, dtype=torch.float64) * 5
+    mask = torch.rand(B, L, generator=g) < 0.7
+    mask[2] = False
+    sft = (torch.rand(B, L, generator=g) < 0.3) & ~mask
+    old = logp64 + 0.5 * torch.randn(B, L, generator=g, dtype=torch.float64) if off_policy else None
+    ref = logp64 + 0.5 * torch.randn(B, L, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    w = torch.rand(B, L, generator=g, dtype=torch.float64) + 0.5
+    kw = dict(reduction=reduction, aux_coef=0.25, beta=0.05, sft_mask=sft, eps_low=0.1, eps_high=0.3)
+    lr_in = logp64.clone().requires_grad_()
+    lr, mr = R.policy_loss_ref(lr_in, old, ref, adv, mask, weights=w, **kw)
+    lr.backward()
+    lo_in = logp64.float().requires_grad_()
+    lo, mo = K.policy_loss(
+        lo_in, as_dtype(old, torch.float32), ref.float(), adv.float(), mask, weights=w.float(), backend=backend, **kw
+    )
+    lo.backward()
+    assert_rel(lo.detach(), lr.detach(), 1e-5, "loss")
+    assert_rel(lo_in.grad, lr_in.grad, 1e-5, "d_logp")
+    for k in mr:
+        assert abs(mo[k].item() - mr[k].item()) <= 1e-5 * max(1.0, abs(mr[k].item())), (k, mo[k], mr[k])
+    # no gradient leaks into positions outside both masks
+    assert (lo_in.grad[~(mask | sft)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_everything_masked_gives_zero_loss_and_gradient(backend):
+    b = make_batch(3, 7, 16, 64, seed=1, sft=False)
+    b["mask"][:] = False
+    lo, mo, dh, dW = fused(K.fused_exgrpo_loss, b, torch.float32, backend=backend)
+    assert lo.item() == 0 and (dh == 0).all() and (dW == 0).all()
+    assert mo["n_tokens"].item() == 0
+
+
+def test_no_grad_evaluation_matches():
+    b = make_batch(3, 11, 16, 200, seed=4)
+    lr, mr, _, _ = fused(R.fused_exgrpo_loss_ref, b, torch.float64, aux_coef=0.1)
+    with torch.no_grad():
+        lo, mo = K.fused_exgrpo_loss(
+            b["h"].float(),
+            b["W"].float(),
+            b["t"],
+            b["mask"],
+            b["adv"].float(),
+            old_logp=b["old"].float(),
+            ref_logp=b["ref"].float(),
+            sft_mask=b["sft_mask"],
+            aux_coef=0.1,
+        )
+    assert_rel(lo, lr, 1e-5, "loss under no_grad")
