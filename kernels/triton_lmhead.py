@@ -30,12 +30,13 @@ _IGNORE = tl.constexpr(IGNORE_INDEX)
 @triton.jit
 def _tanh(x):
     # tl has no tanh on every supported Triton, and libdevice does not run in the interpreter.
-    # 1 − 2/(e^{2x} + 1) saturates correctly at ±inf.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    # 1 − 2/(e^{2x} + 1) saturates correctly at ±inf. The non-IEEE division (≤ 2 ulp) avoids the
+    # precise-division subroutine, whose call frame made ptxas spill in the gradient kernel.
+    return 1.0 - tl.fdiv(2.0, tl.exp(2.0 * x) + 1.0, ieee_rounding=False)
 
 
 @triton.jit
-def _lse_stats_kernel(X, stride_x, TGT, LSE, ZT, ENT, V, inv_temp, softcap,
+def _lse_stats_kernel(X, stride_x, TGT, LSE, ZT, ENT, V, inv_temp, softcap, inv_softcap,
                       HAS_SOFTCAP: tl.constexpr, WANT_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
@@ -47,7 +48,7 @@ def _lse_stats_kernel(X, stride_x, TGT, LSE, ZT, ENT, V, inv_temp, softcap,
         inb = offs < V
         z = tl.load(x_row + offs, mask=inb, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * _tanh(z * inv_softcap)
         z = tl.where(inb, z * inv_temp, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 0))
         alpha = tl.exp(m - m_new)                               # 0 on the first block (m = −inf)
@@ -61,14 +62,14 @@ def _lse_stats_kernel(X, stride_x, TGT, LSE, ZT, ENT, V, inv_temp, softcap,
     tgt = tl.load(TGT + row)
     zt = tl.load(x_row + tl.where(tgt == _IGNORE, 0, tgt)).to(tl.float32)
     if HAS_SOFTCAP:
-        zt = softcap * _tanh(zt / softcap)
+        zt = softcap * _tanh(zt * inv_softcap)
     tl.store(ZT + row, zt * inv_temp)
     if WANT_ENT:
         tl.store(ENT + row, tl.log(s) - u / s)
 
 
 @triton.jit
-def _grad_inplace_kernel(X, stride_x, TGT, LSE, ENT, GLP, GENT, V, inv_temp, softcap,
+def _grad_inplace_kernel(X, stride_x, TGT, LSE, ENT, GLP, GENT, V, inv_temp, softcap, inv_softcap,
                          HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_V: tl.constexpr):
     # x := ∂loss/∂x = [g_lp·(1[j=t] − p_j) + g_ent·p_j·(Ez − z_j)] · cap'(x) / T
     row = tl.program_id(0).to(tl.int64)
@@ -85,7 +86,7 @@ def _grad_inplace_kernel(X, stride_x, TGT, LSE, ENT, GLP, GENT, V, inv_temp, sof
         inb = offs < V
         x = tl.load(x_row + offs, mask=inb, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            t = _tanh(x / softcap)
+            t = _tanh(x * inv_softcap)
             z = softcap * t * inv_temp
             dzdx = (1.0 - t * t) * inv_temp
         else:
@@ -124,7 +125,7 @@ class TritonEpilogue:
         block, warps = _launch_cfg(V)
         _lse_stats_kernel[(n,)](
             x, x.stride(0), targets, lse, zt, lse if ent is None else ent, V, float(inv_temp),
-            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, WANT_ENT=ent is not None, BLOCK_V=block,
+            float(softcap or 1.0), 1.0 / float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, WANT_ENT=ent is not None, BLOCK_V=block,
             num_warps=warps)
 
     def grad_(self, x, targets, lse, ent, g_lp, g_ent, inv_temp, softcap):
@@ -136,7 +137,7 @@ class TritonEpilogue:
         _grad_inplace_kernel[(n,)](
             x, x.stride(0), targets, lse, ent if has_gent else lse, g_lp.contiguous(),
             g_ent.contiguous() if has_gent else g_lp, V, float(inv_temp), float(softcap or 1.0),
-            HAS_SOFTCAP=softcap is not None, HAS_GENT=has_gent, BLOCK_V=block, num_warps=warps)
+            1.0 / float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, HAS_GENT=has_gent, BLOCK_V=block, num_warps=warps)
 
 
 # For the sm_80/sm_90 compile check (tests/test_kernels_compile.py): every @triton.jit kernel of this file.
