@@ -28,14 +28,14 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, re
     hidden [..., H] (bf16/fp16/fp32), weight [V, H] (same dtype; may be the tied embedding),
     targets [...] int64. With return_entropy, also the entropy of the softmax (fp32, 0 where ignored).
     Differentiable in hidden and weight through both outputs. Extra memory: one chunk of logits,
-    bounded by chunk_mb (default EXGRPO_CHUNK_MB or 1024 MB), plus the gradient buffers.
+    bounded by chunk_mb (default EXGRPO_CHUNK_MB, else 2048 MB on CUDA, 256 MB on CPU), plus the gradient buffers.
     """
     _checks.check_lm_head(hidden, weight, targets, temperature=temperature, softcap=softcap)
     be = _backends.get(backend, hidden.device)
     lead, H = hidden.shape[:-1], hidden.shape[-1]
     out = _lmhead.TokenLogprobs.apply(
         hidden.reshape(-1, H).contiguous(), weight.contiguous(), targets.reshape(-1).contiguous(), be,
-        1.0 / temperature, softcap, _lmhead.chunk_budget_bytes(chunk_mb), return_entropy)
+        1.0 / temperature, softcap, _lmhead.chunk_budget_bytes(chunk_mb, hidden.device), return_entropy)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)
@@ -137,7 +137,7 @@ def fused_exgrpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=Non
         raise ValueError("mask/sft_mask select positions whose target is -100 (ignored): they have no log-prob")
     be = _backends.get(backend, hidden.device)
     args = (hidden.reshape(-1, H).contiguous(), weight.contiguous(), targets.reshape(-1).contiguous())
-    budget = _lmhead.chunk_budget_bytes(chunk_mb)
+    budget = _lmhead.chunk_budget_bytes(chunk_mb, hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         sums = _lmhead.FusedLoss.apply(*args, terms, spec, be, 1.0 / temperature, softcap, budget)
     else:                                                       # evaluation: no gradient GEMMs

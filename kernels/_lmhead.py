@@ -31,13 +31,15 @@ import torch
 from ._loss import N_SUMS, LossSpec, TokenTerms, finish_metrics
 from .reference import IGNORE_INDEX
 
-DEFAULT_CHUNK_MB = 1024
+# GPU: 2 GB of bf16 logits is 4096 rows at V = 256000, enough for the GEMMs to run at full rate.
+# CPU: the torch epilogue's fp32 temporaries come on top, and the machine is small.
+DEFAULT_CHUNK_MB = {"cuda": 2048, "cpu": 256}
 
 
-def chunk_budget_bytes(chunk_mb: float | None) -> int:
+def chunk_budget_bytes(chunk_mb: float | None, device: torch.device) -> int:
     """The extra-memory budget for one chunk's logits and the epilogue's temporaries."""
     if chunk_mb is None:
-        chunk_mb = float(os.environ.get("EXGRPO_CHUNK_MB", DEFAULT_CHUNK_MB))
+        chunk_mb = float(os.environ.get("EXGRPO_CHUNK_MB", DEFAULT_CHUNK_MB.get(device.type, 256)))
     if not chunk_mb > 0:
         raise ValueError(f"chunk budget must be > 0 MB, got {chunk_mb}")
     return int(chunk_mb * 2**20)
