@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("exgrpo.kernels_info", "list the kernel backends and why any is unavailable"),
+    "probe": ("exgrpo.probe_cli", "build or resume an Explanatory Inversion probe set (Stage 1)"),
 }
 
 

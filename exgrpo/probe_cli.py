@@ -1,0 +1,247 @@
+"""`exgrpo probe`: build (or resume) an Explanatory Inversion probe set.
+
+    exgrpo probe                                   # synthetic task, oracle teacher, offline
+    exgrpo probe --task gsm8k --data train.jsonl --teacher http \\
+        --base-url http://127.0.0.1:8000/v1 --teacher-model Qwen/Qwen2.5-72B-Instruct \\
+        --student runs/student0 --out runs/ei-gsm8k
+    exgrpo probe --config probe.toml --concurrency 32   # file, then command-line overrides
+
+Every field of `ProbeConfig` is a config-file key and a `--flag`. The merged config is saved as
+`config.json` in the output folder. Re-running the same command resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+
+@dataclass
+class ProbeConfig:
+    # data
+    task: str = "synthetic"               # a registry task (exgrpo.tasks.TASKS)
+    data: str | None = None               # dataset file; for `synthetic` without one, problems are generated
+    limit: int | None = None              # use the first N examples
+    skip_bad_lines: bool = False          # skip and count malformed dataset records instead of stopping
+    synthetic_split: Literal["held_in", "ood"] = "held_in"
+    synthetic_n: int = 200
+    synthetic_seed: int = 0
+    # rules
+    rules_file: str | None = None         # default: the shipped exgrpo/data/probe_rules.json
+    rules: str | None = None              # comma-separated subset of rule names
+    # teacher
+    teacher: Literal["oracle", "http", "vllm", "transformers"] = "oracle"
+    teacher_model: str = ""               # served model name (http, vllm) or a local directory (transformers)
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"   # name of the variable holding the key, never the key itself
+    concurrency: int = 8                  # requests in flight
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    seed: int | None = None
+    # filter 2
+    student: str | None = None            # local transformers model directory; none: filter 2 off
+    student_max_new_tokens: int = 256
+    student_batch_size: int = 16
+    tau_hard: int = 1
+    hard_direction: Literal["intent", "printed", "off"] = "intent"
+    drop_too_easy: bool = True
+    # output
+    out: str = "runs/probes"
+    fsync: bool = False                   # fsync every record (power-loss safety; slower)
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- config file + overrides
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed) for `int | None`, `Literal[...]`, `str`..."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], len(inner) < len(args)
+    return tp, False
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"config {name!r} cannot be empty")
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ValueError(f"config {name!r} must be one of {list(choices)}, got {value!r}")
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config {name!r} must be true or false, got {value!r}")
+    try:
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config {name!r} must be {base.__name__}, got {value!r}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file not found: {p}")
+    if p.suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise ValueError("TOML config files need Python 3.11+; use JSON") from None
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        data = data.get("probe", data)  # allow a [probe] table
+    else:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a table/object of settings")
+    return data
+
+
+def make_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                source: str = "config") -> ProbeConfig:
+    """Defaults, then the file, then the command line; unknown keys are errors."""
+    known = typing.get_type_hints(ProbeConfig)
+    values: dict[str, Any] = {}
+    for layer, where in ((file_values or {}, source), (overrides or {}, "command line")):
+        for k, v in layer.items():
+            key = k.replace("-", "_")
+            if key not in known:
+                raise ValueError(f"{where}: unknown setting {k!r}; known: {', '.join(known)}")
+            values[key] = _coerce(key, known[key], v)
+    return ProbeConfig(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="JSON or TOML file of ProbeConfig settings")
+    hints = typing.get_type_hints(ProbeConfig)
+    for f in fields(ProbeConfig):
+        base, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        helptext = f"default: {default!r}"
+        # default=SUPPRESS: only flags actually given override the config file.
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=helptext)
+        elif typing.get_origin(base) is Literal:
+            parser.add_argument(flag, choices=typing.get_args(base), default=argparse.SUPPRESS, help=helptext)
+        else:
+            parser.add_argument(flag, type=str, default=argparse.SUPPRESS,
+                                help=helptext + (" (none to unset)" if optional else ""))
+
+
+# ---------------------------------------------------------------- wiring
+
+def build_items(cfg: ProbeConfig) -> tuple[list, list[str]]:
+    from exgrpo.tasks import get_task, load_examples, synthetic
+    task = get_task(cfg.task)
+    if cfg.data is None:
+        if task.name != "synthetic":
+            raise ValueError(f"task {task.name!r} needs --data (expected: {task.files})")
+        exs = synthetic.generate(cfg.synthetic_n, cfg.synthetic_split, cfg.synthetic_seed)
+        if cfg.limit is not None:
+            exs = exs[: cfg.limit]
+        return [(task, e) for e in exs], []
+    res = load_examples(task, cfg.data, skip_bad=cfg.skip_bad_lines, limit=cfg.limit)
+    return [(task, e) for e in res.examples], res.skipped
+
+
+def build_teacher(cfg: ProbeConfig, rules: Any) -> Any:
+    from exgrpo.probes import backends, teachers
+    if cfg.teacher == "oracle":
+        return teachers.OracleTeacher()
+    if not cfg.teacher_model:
+        raise ValueError(f"--teacher {cfg.teacher} needs --teacher-model")
+    if cfg.teacher == "http":
+        b = backends.HTTPBackend(backends.HTTPSettings(
+            base_url=cfg.base_url, model=cfg.teacher_model, api_key_env=cfg.api_key_env,
+            max_concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+            backoff_s=cfg.backoff_s, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed))
+    elif cfg.teacher == "vllm":
+        b = backends.VLLMBackend(cfg.teacher_model, cfg.temperature, cfg.max_tokens,
+                                 batch_size=cfg.concurrency, seed=cfg.seed)
+    else:
+        b = backends.TransformersBackend(cfg.teacher_model, max_new_tokens=cfg.max_tokens,
+                                         batch_size=cfg.concurrency)
+    return teachers.LLMTeacher(b, rules)
+
+
+def run(args: argparse.Namespace) -> int:
+    from exgrpo.probes.pipeline import FilterSettings, run_pipeline
+    from exgrpo.probes.rules import load_rules
+    from exgrpo.probes.summary import render, summarize
+    from exgrpo.tasks.loaders import DatasetError
+
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    try:
+        file_values = load_config_file(args.config) if args.config else {}
+        cfg = make_config(file_values, overrides, source=str(args.config))
+        rules = load_rules(cfg.rules_file).select(cfg.rules.split(",") if cfg.rules else None)
+        items, skipped = build_items(cfg)
+        teacher = build_teacher(cfg, rules)
+        student = None
+        if cfg.student:
+            from exgrpo.probes.student import TransformersStudent
+            student = TransformersStudent(cfg.student, cfg.student_max_new_tokens, cfg.student_batch_size)
+    except (ValueError, FileNotFoundError, KeyError, ImportError, DatasetError) as e:
+        print(f"exgrpo probe: {e}", file=sys.stderr)
+        return 2
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} malformed dataset record(s)", file=sys.stderr)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    bar = None
+    on_total = on_progress = None
+    if cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="probe", dynamic_ncols=True, desc=f"probes {cfg.task}")
+
+        def on_total(n: int) -> None:
+            bar.total = n
+            bar.refresh()
+
+        on_progress = bar.update
+    try:
+        res = run_pipeline(items, teacher, rules, out, student=student,
+                           filters=FilterSettings(cfg.tau_hard, cfg.hard_direction, cfg.drop_too_easy),
+                           workers=cfg.concurrency, student_batch=max(1, cfg.student_batch_size * 4),
+                           fsync=cfg.fsync, on_total=on_total, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for p in res.dropped_torn_lines:
+        print(f"resume: dropped a torn last line in {p} (an interrupted write)", file=sys.stderr)
+    print(render(summarize(res.unit_records, res.question_records)))
+    print(f"\n{res.examples} questions: {res.questions_written} written now, {res.questions_skipped} already "
+          f"done; {res.units_done} probes computed, {res.units_skipped} reused from the log; "
+          f"skipped dataset records: {len(skipped)}")
+    print(f"probe set: {out / 'probe_set.jsonl'}  work log: {out / 'probe_log.jsonl'}")
+    if res.stopped:
+        print(f"exgrpo probe: stopped early: {res.stopped}\nThe work done so far is saved; run the same "
+              "command again to resume.", file=sys.stderr)
+        return 3
+    return 0

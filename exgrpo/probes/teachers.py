@@ -1,0 +1,118 @@
+"""Teachers behind one interface: an LLM over any `ChatBackend`, or the synthetic oracle.
+
+A teacher does four things for the EI pipeline, one request each, all thread-safe:
+`solve` (R_T when the dataset has none), `write_probe` (Q_aug from a rule), `answer_probe`
+(R_aug ending in "The answer is A_aug") and `recheck` (filter 1: answer Q after the probe turn).
+The pipeline parses every reply the same way, whoever wrote it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Protocol
+
+from exgrpo.probes.backends import ChatBackend, Reply
+from exgrpo.probes.rules import ProbeRule, RuleSet
+from exgrpo.tasks import synthetic
+from exgrpo.tasks.example import LETTERS, Example
+from exgrpo.tasks.registry import Task
+
+
+class Teacher(Protocol):
+    fingerprint: str  # part of every resume key: change the teacher, redo the work
+
+    def solve(self, task: Task, ex: Example) -> Reply: ...
+    def write_probe(self, task: Task, ex: Example, rule: ProbeRule, rationale: str) -> Reply: ...
+    def answer_probe(self, task: Task, ex: Example, rule: ProbeRule, probe: str) -> Reply: ...
+    def recheck(self, task: Task, ex: Example, probe: str, probe_response: str) -> Reply: ...
+
+
+def gold_display(ex: Example) -> str:
+    """The gold answer as a teacher should see it: "(B) bank" rather than "B"."""
+    if ex.choices and len(ex.answer) == 1 and ex.answer in LETTERS[: len(ex.choices)]:
+        return f"({ex.answer}) {ex.choices[LETTERS.index(ex.answer)]}"
+    return ex.answer
+
+
+def probe_prompt(probe: str, rules: RuleSet) -> str:
+    return f"{probe}\n{rules.answer_instruction}"
+
+
+def recheck_messages(task: Task, ex: Example, probe: str, probe_response: str,
+                     rules: RuleSet) -> list[dict[str, str]]:
+    """Filter 1's dialogue [Q_aug ‖ R_aug, A_aug ‖ Q]: the probe turn, then the original question."""
+    return [{"role": "user", "content": probe_prompt(probe, rules)},
+            {"role": "assistant", "content": probe_response},
+            {"role": "user", "content": task.prompt(ex)}]
+
+
+class LLMTeacher:
+    def __init__(self, backend: ChatBackend, rules: RuleSet):
+        self.backend, self.rules = backend, rules
+        self.fingerprint = backend.fingerprint
+
+    def solve(self, task: Task, ex: Example) -> Reply:
+        return self.backend.complete([{"role": "user", "content": task.prompt(ex)}])
+
+    def write_probe(self, task: Task, ex: Example, rule: ProbeRule, rationale: str) -> Reply:
+        return self.backend.complete([
+            {"role": "system", "content": self.rules.system},
+            {"role": "user", "content": rule.render(ex.question, gold_display(ex), rationale or "(none)")}])
+
+    def answer_probe(self, task: Task, ex: Example, rule: ProbeRule, probe: str) -> Reply:
+        return self.backend.complete([{"role": "user", "content": probe_prompt(probe, self.rules)}])
+
+    def recheck(self, task: Task, ex: Example, probe: str, probe_response: str) -> Reply:
+        return self.backend.complete(recheck_messages(task, ex, probe, probe_response, self.rules))
+
+
+class OracleTeacher:
+    """The synthetic task's program oracle: always right, no model, no network."""
+
+    fingerprint = json.dumps({"backend": "synthetic-oracle", "version": 1})
+
+    def solve(self, task: Task, ex: Example) -> Reply:
+        return self._guard(ex) or Reply(synthetic.rationale_text(ex.meta["program"]))
+
+    def write_probe(self, task: Task, ex: Example, rule: ProbeRule, rationale: str) -> Reply:
+        if (bad := self._guard(ex, rule)) is not None:
+            return bad
+        return Reply(synthetic.oracle_probe(ex, rule.name).question)
+
+    def answer_probe(self, task: Task, ex: Example, rule: ProbeRule, probe: str) -> Reply:
+        if (bad := self._guard(ex, rule)) is not None:
+            return bad
+        p = synthetic.oracle_probe(ex, rule.name)
+        if probe.strip() != p.question.strip():
+            return Reply(None, "the oracle answers only the probes it wrote")
+        return Reply(p.response)
+
+    def recheck(self, task: Task, ex: Example, probe: str, probe_response: str) -> Reply:
+        return self.solve(task, ex)
+
+    @staticmethod
+    def _guard(ex: Example, rule: ProbeRule | None = None) -> Reply | None:
+        if "program" not in ex.meta:
+            return Reply(None, f"the synthetic oracle cannot handle example {ex.id!r} of task {ex.task!r}")
+        if rule is not None and rule.name not in synthetic.RULES:
+            return Reply(None, f"the synthetic oracle has no rule {rule.name!r}")
+        return None
+
+
+# ---------------------------------------------------------------- parsing teacher output
+
+MAX_PROBE_CHARS = 4000
+
+
+def parse_probe(text: str) -> tuple[str | None, str | None]:
+    """(probe, None) or (None, reason). Takes the text after the last "Probe:" when present."""
+    t = text.strip()
+    m = list(re.finditer(r"probe\s*:\s*", t, re.IGNORECASE))
+    if m:
+        t = t[m[-1].end():].strip()
+    t = t.strip("\"'` *").strip()
+    if not t:
+        return None, "empty probe"
+    if len(t) > MAX_PROBE_CHARS:
+        return None, f"malformed probe: longer than {MAX_PROBE_CHARS} characters"
+    return t, None
