@@ -40,10 +40,16 @@ def test_token_logprobs_bad_inputs(backend):
     W_inf[7, 1] = float("inf")
     with pytest.raises(ValueError, match="weight contains NaN or Inf"):
         f(h, W_inf, t)
-    # NaN in an ignored row is fine: that row is never read into the result
+    # NaN in an ignored row (padding) reaches neither the result nor d_hidden. (d_weight = dxᵀ·h
+    # still meets it in the GEMM as 0·NaN, exactly as in eager PyTorch.)
     t_ign = t.clone()
     t_ign[2] = -100
-    assert torch.isfinite(f(h_nan, W, t_ign)).all()
+    h_leaf, W_leaf = h_nan.clone().requires_grad_(), W.clone().requires_grad_()
+    lp, ent = f(h_leaf, W_leaf, t_ign, return_entropy=True)
+    assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+    (lp.sum() + ent.sum()).backward()
+    assert torch.isfinite(h_leaf.grad).all()
+    assert (h_leaf.grad[2] == 0).all()
 
 
 def test_unknown_and_unavailable_backends():

@@ -1,0 +1,104 @@
+"""What every exgrpo benchmark reports the same way: the machine, timings as median and spread,
+peak memory above the inputs, the matmul rate measured in the same run, a table and a JSON record.
+
+Run from the repository root: `python -m bench.<script>` or `python bench/<script>.py`.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import triton
+    import transformers
+    info = {
+        "host_cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        root = Path(__file__).resolve().parent.parent
+        info["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        info["dirty"] = bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = None
+    return info
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device: torch.device, *, warmup: int, reps: int) -> dict:
+    """Wall time per call in ms: median, p10/p90 and min over `reps` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    ms = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ms.append((time.perf_counter() - t0) * 1e3)
+    ms.sort()
+    q = lambda p: ms[min(len(ms) - 1, int(p * (len(ms) - 1) + 0.5))]
+    return {"median_ms": statistics.median(ms), "p10_ms": q(0.1), "p90_ms": q(0.9), "min_ms": ms[0], "reps": reps}
+
+
+def peak_extra_mb(fn, device: torch.device) -> float | None:
+    """Peak CUDA memory above what was allocated before the call (None on CPU: no allocator stats)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def matmul_tflops(M: int, K: int, N: int, dtype, device, *, warmup=3, reps=10) -> float:
+    """The measured rate of one [M, K] @ [K, N] GEMM: the peak the kernels are held against."""
+    a = torch.randn(M, K, dtype=dtype, device=device)
+    b = torch.randn(N, K, dtype=dtype, device=device)
+    t = time_fn(lambda: a @ b.T, device, warmup=warmup, reps=reps)
+    return 2 * M * K * N / (t["median_ms"] * 1e-3) / 1e12
+
+
+def write(name: str, record: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir) if out_dir else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dev = "gpu" if record["machine"].get("gpu") else "cpu"
+    path = out_dir / f"{name}-{dev}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """Markdown table; cols = (header, key, format)."""
+    fmt = lambda v, f: "—" if v is None else (format(v, f) if f else str(v))
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(k), f) for _, k, f in cols) + " |" for r in rows]
+    return "\n".join(lines)
