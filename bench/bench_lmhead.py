@@ -69,7 +69,6 @@ def make_inputs(N, H, V, L, dtype, device, seed=0):
 
 def step_fn(provider, op, x, beta=0.04):
     """A closure doing one forward+backward of `op` with `provider`; fresh leaf tensors each call."""
-    import torch
 
     import exgrpo.kernels as K
     from exgrpo.kernels import reference as R
@@ -110,8 +109,9 @@ def main(argv=None):
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and "triton" in a.providers:
         os.environ.setdefault("TRITON_INTERPRET", "1")      # before exgrpo.kernels creates its kernels
-    from bench import common
     import exgrpo.kernels as K
+
+    from bench import common
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
     ops = OPS if a.op == "both" else (a.op,)

@@ -20,8 +20,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    import triton
     import transformers
+    import triton
     info = {
         "host_cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
