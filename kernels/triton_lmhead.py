@@ -125,8 +125,8 @@ class TritonEpilogue:
         block, warps = _launch_cfg(V)
         _lse_stats_kernel[(n,)](
             x, x.stride(0), targets, lse, zt, lse if ent is None else ent, V, float(inv_temp),
-            float(softcap or 1.0), 1.0 / float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, WANT_ENT=ent is not None, BLOCK_V=block,
-            num_warps=warps)
+            float(softcap or 1.0), 1.0 / float(softcap or 1.0), HAS_SOFTCAP=softcap is not None,
+            WANT_ENT=ent is not None, BLOCK_V=block, num_warps=warps)
 
     def grad_(self, x, targets, lse, ent, g_lp, g_ent, inv_temp, softcap):
         n, V = x.shape
@@ -137,7 +137,8 @@ class TritonEpilogue:
         _grad_inplace_kernel[(n,)](
             x, x.stride(0), targets, lse, ent if has_gent else lse, g_lp.contiguous(),
             g_ent.contiguous() if has_gent else g_lp, V, float(inv_temp), float(softcap or 1.0),
-            1.0 / float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, HAS_GENT=has_gent, BLOCK_V=block, num_warps=warps)
+            1.0 / float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, HAS_GENT=has_gent, BLOCK_V=block,
+            num_warps=warps)
 
 
 # For the sm_80/sm_90 compile check (tests/test_kernels_compile.py): every @triton.jit kernel of this file.

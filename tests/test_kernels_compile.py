@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 
-
 SCRIPT = textwrap.dedent(r'''
     import json, os, subprocess, sys, tempfile
     os.environ.pop("TRITON_INTERPRET", None)
