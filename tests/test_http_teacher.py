@@ -1,0 +1,283 @@
+"""The OpenAI-compatible HTTP teacher against a real server on loopback: retries, time-outs,
+bad replies, a dead server, and resuming after an interruption (including SIGKILL)."""
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from exgrpo.probes import (
+    LOG_FILE,
+    SET_FILE,
+    HTTPBackend,
+    HTTPSettings,
+    LLMTeacher,
+    TeacherUnavailable,
+    load_rules,
+    run_pipeline,
+)
+from exgrpo.probes.summary import summarize
+from exgrpo.tasks import Example, get_task
+
+RULES = load_rules()
+GSM = get_task("gsm8k")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class State:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.attempts = {}        # body hash -> attempts seen
+        self.total = 0
+        self.down_after = None    # answer 503 to every request after this many
+        self.delay = 0.0
+
+    def reset(self):
+        self.__init__()
+
+
+STATE = State()
+
+
+def _teacher_reply(messages):
+    """A tiny arithmetic 'LLM': writes probes 'What is N + 1?', answers them, answers the task."""
+    last = messages[-1]["content"]
+    if messages[0]["role"] == "system":                              # write a probe
+        gold = last.split("\nAnswer: ", 1)[1].split("\n", 1)[0]
+        markers = " ".join(m for m in ("[EMPTY]", "[NOANSWER]") if m in last)
+        return f"Probe: What is {gold} + 1? {markers}"
+    if RULES.answer_instruction in last and len(messages) == 1:      # answer a probe
+        n = int(last.split("What is ", 1)[1].split(" + 1?")[0])
+        return f"{n} + 1 = {n + 1}. The answer is {n + 1}."
+    a, b = last.split("What is ", 1)[1].split("?")[0].split(" + ")   # solve or recheck the task
+    wrong = "[WRONG]" in last and len(messages) == 3
+    return f"{a} + {b} = {int(a) + int(b)}. The answer is {int(a) + int(b) + wrong}."
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code, body, ctype="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (the time-out tests do this on purpose)
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        h = hashlib.sha1(raw).hexdigest()
+        with STATE.lock:
+            STATE.total += 1
+            n = STATE.attempts[h] = STATE.attempts.get(h, 0) + 1
+            total = STATE.total
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"error": "not found"})
+        if STATE.delay:
+            time.sleep(STATE.delay)
+        if STATE.down_after is not None and total > STATE.down_after:
+            return self._send(503, {"error": "overloaded"})
+        req = json.loads(raw)
+        text = json.dumps(req["messages"])
+        if "[RATE]" in text and n <= 2:
+            self.send_response(429)
+            self.send_header("Retry-After", "0")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if "[ERR500]" in text and n <= 2:
+            return self._send(500, {"error": "internal"})
+        if "[SLOW]" in text and n == 1:
+            time.sleep(1.0)
+        if "[BAD400]" in text:
+            return self._send(400, {"error": "context too long"})
+        if "[AUTH]" in text:
+            return self._send(401, {"error": "bad key"})
+        if "[MALFORMED]" in text and req["messages"][0]["role"] == "system":
+            return self._send(200, b"<html>oops</html>", "text/html")
+        content = _teacher_reply(req["messages"])
+        if "[EMPTY]" in text and RULES.answer_instruction in req["messages"][-1]["content"]:
+            content = ""
+        if "[NOANSWER]" in text and RULES.answer_instruction in req["messages"][-1]["content"]:
+            content = "It is one more than before."
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    STATE.reset()
+
+
+def _backend(url, **kw):
+    s = dict(base_url=url, model="fake", api_key_env="EXGRPO_TEST_KEY", timeout_s=0.4, max_retries=3,
+             backoff_s=0.01, backoff_max_s=0.05, max_concurrency=4)
+    s.update(kw)
+    return HTTPBackend(HTTPSettings(**s))
+
+
+def _ask(b, q):
+    return b.complete([{"role": "user", "content": f"What is 2 + 3? {q}"}])
+
+
+def test_good_reply(server):
+    r = _ask(_backend(server), "")
+    assert r.ok and r.text.endswith("The answer is 5.")
+
+
+@pytest.mark.parametrize("marker", ["[RATE]", "[ERR500]"])
+def test_429_and_5xx_are_retried(server, marker):
+    r = _ask(_backend(server), marker)
+    assert r.ok and STATE.total == 3
+    with pytest.raises(TeacherUnavailable, match=r"failed 2 times; last error: HTTP (429|500)"):
+        STATE.reset()
+        _ask(_backend(server, max_retries=1), marker)
+
+
+def test_slow_reply_times_out_then_retry_succeeds(server):
+    t0 = time.monotonic()
+    r = _ask(_backend(server), "[SLOW]")
+    assert r.ok and STATE.total == 2
+    assert time.monotonic() - t0 < 1.0            # gave up on the slow attempt at the 0.4 s timeout
+    STATE.reset()
+    with pytest.raises(TeacherUnavailable, match="timed out after 0.4 s"):
+        _ask(_backend(server, max_retries=0), "[SLOW]")
+
+
+def test_other_4xx_is_not_retried(server):
+    r = _ask(_backend(server), "[BAD400]")
+    assert not r.ok and r.error.startswith("HTTP 400") and STATE.total == 1
+    with pytest.raises(TeacherUnavailable, match="HTTP 401.*EXGRPO_TEST_KEY"):
+        _ask(_backend(server), "[AUTH]")
+    assert STATE.total == 2
+
+
+def test_malformed_reply_is_a_failed_request(server):
+    b = _backend(server)
+    r = b.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "[MALFORMED]"}])
+    assert not r.ok and r.error.startswith("malformed response: not JSON") and STATE.total == 1
+
+
+def test_dead_server_stops_with_a_clear_message():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                                      # nothing listens there now
+    with pytest.raises(TeacherUnavailable, match=r"failed 3 times; last error: cannot connect"):
+        _ask(_backend(f"http://127.0.0.1:{port}/v1", max_retries=2), "")
+
+
+def _examples(n, marker=""):
+    return [Example(f"q{i}", "gsm8k", f"What is {i} + {i + 1}?{marker}", str(2 * i + 1)) for i in range(n)]
+
+
+def test_pipeline_over_http_records_every_kind_of_bad_output(server, tmp_path):
+    exs = _examples(3) + [
+        Example("m", "gsm8k", "What is 1 + 1? [MALFORMED]", "2"),
+        Example("e", "gsm8k", "What is 1 + 2? [EMPTY]", "3"),
+        Example("n", "gsm8k", "What is 1 + 3? [NOANSWER]", "4"),
+        Example("w", "gsm8k", "What is 1 + 4? [WRONG]", "5"),
+        Example("r", "gsm8k", "What is 1 + 5? [RATE]", "6"),
+    ]
+    teacher = LLMTeacher(_backend(server), RULES)
+    res = run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4)
+    assert res.stopped is None
+    q = {r["example_id"]: r for r in res.question_records}
+    assert len(q) == 8
+    assert q["q1"]["verdict"] == "kept" and q["q1"]["n_consistent"] == 10
+    assert q["q1"]["rationale"].endswith("The answer is 3.")     # R_T from the teacher's solve
+    assert q["q1"]["probes"][0]["probe_answer"] == "4"
+    assert {p["reason"] for p in q["m"]["probes"]} == {"malformed response: not JSON (b'<html>oops</html>')"}
+    assert {p["reason"] for p in q["e"]["probes"]} == {"empty response"}
+    assert {p["reason"] for p in q["n"]["probes"]} == {"no extractable answer"}
+    assert q["w"]["n_generated"] == 10 and q["w"]["verdict"] == "no_probes"
+    assert q["r"]["verdict"] == "kept"
+    s = summarize(res.unit_records, res.question_records)
+    assert (s.total.attempted, s.total.failed, s.total.consistent) == (80, 30, 40)
+
+
+def test_server_going_down_stops_the_run_and_keeps_work_then_resume(server, tmp_path):
+    exs = _examples(12)
+    teacher = LLMTeacher(_backend(server, max_retries=2), RULES)
+    STATE.down_after = 150
+    res = run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4)
+    assert res.stopped and "HTTP 503" in res.stopped
+    first = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert 0 < len(first) < 120 and all(r["status"] == "ok" for r in first)
+    STATE.down_after = None
+    res2 = run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4)
+    assert res2.stopped is None and res2.units_done == 120 - len(first)
+    log = [json.loads(x) for x in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert len(log) == len({r["key"] for r in log}) == 120
+    qs = [json.loads(x) for x in (tmp_path / SET_FILE).read_text().splitlines()]
+    assert sorted(r["example_id"] for r in qs) == sorted(e.id for e in exs)
+    assert all(r["verdict"] == "kept" for r in qs)
+
+
+_CHILD = """
+import sys
+from exgrpo.probes import HTTPBackend, HTTPSettings, LLMTeacher, load_rules, run_pipeline
+from exgrpo.tasks import Example, get_task
+url, out = sys.argv[1], sys.argv[2]
+rules = load_rules()
+exs = [Example(f"q{i}", "gsm8k", f"What is {i} + {i + 1}?", str(2 * i + 1)) for i in range(30)]
+b = HTTPBackend(HTTPSettings(base_url=url, model="fake", timeout_s=5, max_retries=1, backoff_s=0.01))
+run_pipeline([(get_task("gsm8k"), e) for e in exs], LLMTeacher(b, rules), rules, out, workers=4)
+"""
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing_and_duplicates_nothing(server, tmp_path):
+    STATE.delay = 0.01
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, server, str(tmp_path)], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / LOG_FILE
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if log.exists() and log.read_bytes().count(b"\n") >= 40:
+                break
+            time.sleep(0.02)
+        assert child.poll() is None, f"child ended early: {child.stderr.read().decode()[-2000:]}"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    done_before = log.read_bytes().count(b"\n")
+    assert 40 <= done_before < 300
+    with open(log, "ab") as f:            # what a kill in the middle of a write leaves behind
+        f.write(b'{"key":"0123","task":"gsm8k","exam')
+    STATE.delay = 0.0
+    rules = RULES
+    teacher = LLMTeacher(_backend(server), rules)
+    exs = [Example(f"q{i}", "gsm8k", f"What is {i} + {i + 1}?", str(2 * i + 1)) for i in range(30)]
+    res = run_pipeline([(GSM, e) for e in exs], teacher, rules, tmp_path, workers=4)
+    assert res.dropped_torn_lines == [str(log)]
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(recs) == len({r["key"] for r in recs}) == 300
+    assert res.units_done == 300 - done_before
+    qs = [json.loads(x) for x in (tmp_path / SET_FILE).read_text().splitlines()]
+    assert len(qs) == len({q["example_id"] for q in qs}) == 30
