@@ -1,0 +1,144 @@
+"""Probe sets -> Scenario A/B dialogues -> token ids with the three masks.
+
+A dialogue is a list of chat messages; every assistant message says how it is trained:
+    "policy"  student-generated: the clipped policy loss
+    "sft"     teacher-forced teacher response: the auxiliary SFT loss
+    None      context only (all user turns; assistant turns used as history but not trained)
+Rendering goes through the tokenizer's own chat template, and each assistant message's characters
+(its content plus the end-of-turn marker, so the model learns to stop) are mapped to tokens through
+the fast tokenizer's offsets. The template must be prefix-stable (rendering the first i messages is a
+prefix of rendering all of them), which every mainstream template is; we check it and say so if not.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from exgrpo.tasks import Example, get_task
+
+POLICY, SFT = "policy", "sft"
+
+
+class DialogueError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Probe:
+    rule: str
+    question: str           # Q_i_aug
+    response: str           # the teacher's R_i_aug (ends with its answer)
+    answer: str             # A_i_aug
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """One training question with its kept probes."""
+    example: Example
+    probes: tuple[Probe, ...]
+
+
+def load_probe_set(path: str | Path, *, kept_only: bool = True) -> list[ProbeItem]:
+    """Read `probe_set.jsonl` from `exgrpo probe`: kept questions, each with its kept probes."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "probe_set.jsonl"
+    if not p.exists():
+        raise DialogueError(f"probe set not found: {p}")
+    items = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DialogueError(f"{p}:{n}: not JSON ({e.msg})") from None
+            if kept_only and not rec.get("kept"):
+                continue
+            probes = tuple(Probe(q["rule"], q["probe"], q["response"], str(q["probe_answer"]))
+                           for q in rec.get("probes", []) if q.get("kept") or (not kept_only and q.get("probe")))
+            items.append(ProbeItem(Example.from_dict(rec["example"]), probes))
+    if not items:
+        raise DialogueError(f"{p} holds no kept question: nothing to train on (run `exgrpo probe` first)")
+    return items
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+def sample_probes(item: ProbeItem, k: int, rng: random.Random) -> list[Probe]:
+    """Scenario A's probes: k of the question's probes without replacement (fewer if it has fewer)."""
+    return rng.sample(list(item.probes), min(k, len(item.probes)))
+
+
+def partial_count(k_full: int, rng: random.Random) -> int:
+    """Scenario B keeps the first k' < k probes, k' uniform in 1..k-1 (0 when k <= 1). [choice]"""
+    return rng.randint(1, k_full - 1) if k_full > 1 else 0
+
+
+def question_message(ex: Example) -> dict:
+    return {"role": "user", "content": get_task(ex.task).prompt(ex)}
+
+
+def dialogue(probes: list[Probe], answers: list[str] | None, ex: Example | None, final: str | None,
+             *, answer_train: str | None, final_train: str | None = POLICY) -> list[dict]:
+    """Messages: each probe then its answer (the student's `answers`, or the teacher's responses when
+    answers is None), then Q and the final answer when `ex` is given."""
+    msgs = []
+    for i, pr in enumerate(probes):
+        msgs.append({"role": "user", "content": pr.question})
+        msgs.append({"role": "assistant", "content": pr.response if answers is None else answers[i],
+                     "train": answer_train})
+    if ex is not None:
+        msgs.append(question_message(ex))
+        if final is not None:
+            msgs.append({"role": "assistant", "content": final, "train": final_train})
+    return msgs
+
+
+# ----------------------------------------------------------------------------- rendering
+
+class Tokenized(NamedTuple):
+    ids: list[int]          # [L]
+    policy: list[bool]      # [L] token produced by the student: clipped policy loss
+    sft: list[bool]         # [L] teacher-forced token: auxiliary SFT loss
+
+
+def _render(tok, messages, add_generation_prompt=False) -> str:
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def prompt_ids(tok, messages) -> list[int]:
+    """Token ids of the conversation so far plus the generation prompt for the next assistant turn."""
+    return tok(_render(tok, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
+
+
+def render(tok, messages: list[dict]) -> Tokenized:
+    text = _render(tok, messages)
+    eot = tok.eos_token or ""
+    spans = []                                          # (start, end, kind) in characters
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or not m.get("train"):
+            continue
+        prefix = _render(tok, messages[:i], add_generation_prompt=True)
+        if not text.startswith(prefix):
+            raise DialogueError("the chat template is not prefix-stable: rendering the first messages is not a "
+                                "prefix of rendering them all, so trained tokens cannot be located")
+        start = len(prefix)
+        if text[start:start + len(m["content"])] != m["content"]:
+            raise DialogueError("the chat template changes message contents; trained tokens cannot be located")
+        end = start + len(m["content"])
+        if eot and text.startswith(eot, end):
+            end += len(eot)
+        spans.append((start, end, m["train"]))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    policy, sft = [], []
+    for a, _ in enc["offset_mapping"]:
+        kind = next((k for s, e, k in spans if s <= a < e), None)
+        policy.append(kind == POLICY)
+        sft.append(kind == SFT)
+    return Tokenized(list(enc["input_ids"]), policy, sft)

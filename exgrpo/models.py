@@ -1,0 +1,178 @@
+"""Models: load a local causal LM, wrap it in LoRA, build the tiny embedded student, and expose what
+the fused kernels need (final hidden states + the LM-head weight) without ever computing logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+END_OF_TURN = "<end_of_turn>"
+
+
+class ModelError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- loading
+
+def check_model_dir(path: str | Path) -> Path:
+    """Fail before any compute on a directory that cannot be a model."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"model directory not found: {p}")
+    if not (p / "config.json").exists():
+        raise ModelError(f"{p} has no config.json: not a transformers model directory")
+    weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin")) + list(p.glob("adapter_model.*"))
+    if not weights:
+        raise ModelError(f"{p} has a config but no weights (*.safetensors / *.bin)")
+    return p
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"the tokenizer in {path} has no chat template: dialogues cannot be rendered")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    from transformers import AutoModelForCausalLM
+    path = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    return model.to(device)
+
+
+def add_lora(model, *, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules=None):
+    from peft import LoraConfig, get_peft_model
+    targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """The SFT checkpoint's policy: a LoRA model with its adapters disabled (no second copy)."""
+    if is_lora(model):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+# ----------------------------------------------------------------------------- hidden states + head
+
+def _base_and_causal(model):
+    """(decoder that returns final hidden states, the CausalLM module) for plain and peft models."""
+    causal = model.get_base_model() if is_lora(model) else model
+    return causal.model, causal
+
+
+def lm_head(model) -> tuple[torch.Tensor, float | None]:
+    """The LM-head weight [V, H] (the tied input embedding for Gemma) and the final logit softcap."""
+    _, causal = _base_and_causal(model)
+    head = causal.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ModelError("LM heads with a bias are not supported by the fused kernels")
+    cfg = causal.config
+    softcap = getattr(cfg, "final_logit_softcapping", None) or None
+    return head.weight, softcap
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states [B, L, H]: the decoder without its LM head, so no [B, L, V] logits."""
+    decoder, _ = _base_and_causal(model)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def context_length(model) -> int:
+    _, causal = _base_and_causal(model)
+    return int(getattr(causal.config, "max_position_embeddings", 1 << 30))
+
+
+# ----------------------------------------------------------------------------- the tiny student
+
+TINY_SIZES = {
+    # hidden, layers, heads, kv heads, head_dim, intermediate
+    "tiny": (64, 2, 4, 1, 16, 256),
+    "small": (128, 4, 4, 2, 32, 512),
+}
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 800):
+    """A byte-level BPE trained on `corpus`, digits split one by one (numbers stay readable to a
+    tiny model), wrapped as a transformers fast tokenizer with a Gemma-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token=END_OF_TURN,
+                                  pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=["<start_of_turn>"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_student(out_dir: str | Path, corpus: list[str], *, size: str = "tiny", seed: int = 0,
+                       context: int = 2048, vocab_size: int = 800) -> Path:
+    """Build a randomly initialised Gemma-architecture student + tokenizer and save_pretrained them."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    if size not in TINY_SIZES:
+        raise ModelError(f"unknown tiny size {size!r}; choose one of {list(TINY_SIZES)}")
+    out = Path(out_dir)
+    tok = build_tokenizer(corpus, vocab_size)
+    hidden, layers, heads, kv, head_dim, inter = TINY_SIZES[size]
+    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                      head_dim=head_dim, max_position_embeddings=context, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    (out / "exgrpo_student.json").write_text(json.dumps({"size": size, "seed": seed, "vocab": len(tok)}))
+    return out
+
+
+def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
+                 dtype: str = "auto", device: str = "auto", gradient_checkpointing: bool = False):
+    """Load the student for training: (model, tokenizer, device). bf16 on CUDA and fp32 on CPU by default."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+          "fp32": torch.float32}[dtype]
+    tok = load_tokenizer(check_model_dir(model_dir))
+    model = load_model(model_dir, dtype=dt, device=dev)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora:
+        model = add_lora(model, r=lora_r, alpha=lora_alpha)
+    model.train()
+    return model, tok, dev

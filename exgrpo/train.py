@@ -1,0 +1,249 @@
+"""ExGRPO: GRPO on multi-turn probe dialogues with the Dialogue Structure Utility bonus (METHOD.md
+Stage 3). One file, top to bottom: config, init, then per step rollout -> reward -> advantage ->
+loss -> step -> checkpoint.
+
+    exgrpo train --model runs/sft/export --probes runs/probes --out runs/exgrpo
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+# ============================================================================= config
+
+
+@dataclass
+class TrainConfig:
+    model: str = "runs/sft/export"          # the SFT checkpoint (also the reference policy)
+    probes: str = "runs/probes"             # probe_set.jsonl or its folder
+    out: str = "runs/exgrpo"
+    # model
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    backend: str = "auto"                   # kernel backend
+    # rollouts
+    steps: int = 100
+    questions_per_step: int = 8
+    group_size: int = 8                     # G trajectories per scenario per question
+    k_probes: int = 5
+    temperature: float = 1.0
+    max_new_tokens: int = 96                # per turn
+    rollout_batch_size: int = 64
+    # reward / advantage
+    bonus: bool = True                      # the DSU bonus (off: RL on R_base only)
+    delta: float = 0.5
+    nu: float = 1.0
+    group_by: Literal["question", "scenario"] = "question"
+    scale: Literal["group", "batch", "none"] = "group"
+    # loss
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.04
+    aux_coef: float = 0.1                   # λ of the auxiliary teacher-forced SFT loss (0: off)
+    updates_per_batch: int = 1
+    micro_batch_tokens: int = 16384
+    # optimiser
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "constant"
+    grad_clip: float = 1.0
+    # run
+    seed: int = 0
+    save_every: int = 25
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3                  # stop after this many non-finite steps in a row
+    resume: bool = False
+    progress: bool = True
+
+
+def train(cfg: TrainConfig) -> Path:
+    from tqdm import tqdm
+
+    from exgrpo import checkpoint
+    from exgrpo.batching import Sequence, loss_and_backward, micro_batches, sequence_logprobs
+    from exgrpo.dialogues import (
+        POLICY,
+        SFT,
+        dialogue,
+        load_probe_set,
+        partial_count,
+        question_message,
+        render,
+        sample_probes,
+    )
+    from exgrpo.kernels import exgrpo_advantages
+    from exgrpo.models import context_length, init_student, load_model, reference_mode
+    from exgrpo.optim import make_optimizer
+    from exgrpo.rollout import HFEngine, run_dialogues
+    from exgrpo.runlog import MetricsLog, plot_curves
+    from exgrpo.tasks import get_task
+
+    # ========================================================================= init
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    items = load_probe_set(cfg.probes)                      # fails on an empty probe set, before any compute
+    model, tok, dev = init_student(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                   dtype=cfg.dtype, device=cfg.device,
+                                   gradient_checkpointing=cfg.gradient_checkpointing)
+    ctx = context_length(model)
+    _check_lengths(items, tok, cfg, ctx)
+    # The reference policy is the SFT checkpoint: LoRA -> the same model with adapters off; full
+    # fine-tuning -> a frozen copy (its log-probs are computed once per batch).
+    ref_model = None
+    if cfg.beta > 0 and not cfg.lora:
+        ref_model = load_model(cfg.model, dtype=next(model.parameters()).dtype, device=dev).eval()
+        ref_model.requires_grad_(False)
+    opt, sched = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                total_steps=cfg.steps, schedule=cfg.schedule)
+    engine = HFEngine(model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                      batch_size=cfg.rollout_batch_size, max_context=ctx)
+    start, bad_streak = 0, 0
+    last = checkpoint.latest(run) if cfg.resume else None
+    if last is not None:
+        state = checkpoint.load(last, model, opt, sched)
+        start, bad_streak = state["step"], state["bad_streak"]
+    elif cfg.resume:
+        print(f"no checkpoint in {run}: starting from step 0")
+    (run / "config.json").write_text(_json(asdict(cfg)))
+    log = MetricsLog(run, resume_step=start)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="exgrpo", disable=not cfg.progress)
+
+    for step in bar:
+        t0 = time.time()
+        seed = cfg.seed * 1_000_003 + step                  # per-step seeding: a resumed run replays exactly
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        batch = _questions(items, step, cfg.questions_per_step, cfg.seed)
+
+        # ===================================================================== rollout
+        turns, meta = [], []                                # one entry per trajectory
+        aux_probes = []
+        for q, item in enumerate(batch):
+            full = sample_probes(item, cfg.k_probes, rng)
+            k_part = partial_count(len(full), rng)
+            qmsg = question_message(item.example)
+            for is_full, probes in ((True, full), (False, full[:k_part])):
+                for _ in range(cfg.group_size):
+                    turns.append([{"role": "user", "content": p.question} for p in probes] + [qmsg])
+                    meta.append((q, is_full, probes))
+            aux_probes.append(full)
+        model.eval()
+        answers = run_dialogues(engine, turns)
+        model.train()
+
+        # ===================================================================== reward
+        G2 = 2 * cfg.group_size
+        outcome = torch.zeros(len(batch), G2)
+        for d, (q, _, _) in enumerate(meta):
+            ex = batch[q].example
+            task = get_task(ex.task)
+            outcome[q, d % G2] = float(task.is_correct(task.extract(answers[d][-1], ex), ex.answer))
+        is_full = torch.zeros(len(batch), G2, dtype=torch.bool)
+        is_full[:, : cfg.group_size] = True
+
+        # ===================================================================== advantage
+        adv, total, fired = exgrpo_advantages(outcome, is_full, delta=cfg.delta if cfg.bonus else 0.0, nu=cfg.nu,
+                                              scale=cfg.scale, group_by=cfg.group_by)
+        seqs = []
+        for d, (q, _, probes) in enumerate(meta):
+            msgs = dialogue(probes, answers[d][:-1], batch[q].example, answers[d][-1], answer_train=POLICY)
+            t = render(tok, msgs)
+            seqs.append(Sequence(t.ids, t.policy, t.sft, advantage=float(adv[q, d % G2])))
+        if cfg.aux_coef > 0:                                # teacher-forced probe answers in their context
+            for probes in aux_probes:
+                if probes:
+                    t = render(tok, dialogue(probes, None, None, None, answer_train=SFT))
+                    seqs.append(Sequence(t.ids, t.policy, t.sft))
+        mbs = micro_batches(seqs, cfg.micro_batch_tokens, tok.pad_token_id, dev)
+        if cfg.updates_per_batch > 1:                       # ratios need the rollout policy's log-probs
+            for s, lp in zip(seqs, sequence_logprobs(model, mbs, seqs, backend=cfg.backend)):
+                s.old_logp = lp
+        if cfg.beta > 0:
+            if ref_model is not None:
+                ref = sequence_logprobs(ref_model, mbs, seqs, backend=cfg.backend)
+            else:
+                with reference_mode(model):
+                    ref = sequence_logprobs(model, mbs, seqs, backend=cfg.backend)
+            for s, lp in zip(seqs, ref):
+                s.ref_logp = lp
+
+        # ===================================================================== loss + step
+        for _ in range(cfg.updates_per_batch):
+            opt.zero_grad(set_to_none=True)
+            m = loss_and_backward(model, mbs, seqs, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+                                  aux_coef=cfg.aux_coef, backend=cfg.backend)
+            gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                         cfg.grad_clip))
+            skipped = not (math.isfinite(m["loss"]) and math.isfinite(gnorm))
+            if skipped:                                     # never step on a non-finite loss or gradient
+                opt.zero_grad(set_to_none=True)
+                bad_streak += 1
+                break
+            opt.step()
+            bad_streak = 0
+        sched.step()
+        rec = {"step": step + 1, "reward": float(total.mean()), "acc": float(outcome.mean()),
+               "acc_full": float(outcome[:, : cfg.group_size].mean()),
+               "acc_partial": float(outcome[:, cfg.group_size:].mean()), "dsu_fire_rate": float(fired.float().mean()),
+               **m, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped,
+               "seconds": time.time() - t0}
+        log.write(rec)
+        bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['acc']:.2f}", kl=f"{m['kl']:.3f}",
+                        clip=f"{m['clip_frac_low'] + m['clip_frac_high']:.2f}", dsu=f"{rec['dsu_fire_rate']:.2f}")
+        if skipped:
+            print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
+            if bad_streak >= cfg.max_bad_steps:
+                raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
+                                         f"checkpoint is {checkpoint.latest(run)}")
+            continue
+
+        # ===================================================================== checkpoint
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            checkpoint.save(run, step + 1, model, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
+
+    export = checkpoint.export(model, tok, run / "export")
+    plot_curves(log.read(), ["reward", "acc", "acc_full", "acc_partial", "dsu_fire_rate", "kl", "clip_frac_low",
+                             "clip_frac_high", "aux_nll", "loss", "grad_norm"], run / "curves.png", "ExGRPO")
+    return export
+
+
+def _questions(items, step: int, n: int, seed: int):
+    """The step's questions: epochs over a seeded permutation, so the data position is the step."""
+    out = []
+    for i in range(step * n, step * n + n):
+        epoch, j = divmod(i, len(items))
+        perm = list(range(len(items)))
+        random.Random(seed * 7919 + epoch).shuffle(perm)
+        out.append(items[perm[j]])
+    return out
+
+
+def _check_lengths(items, tok, cfg: TrainConfig, ctx: int) -> None:
+    """A dialogue that cannot fit the context is an error now, not after hours of rollouts."""
+    from exgrpo.dialogues import dialogue
+    worst = 0
+    for it in items:
+        probes = sorted(it.probes, key=lambda p: len(p.question) + len(p.response), reverse=True)[: cfg.k_probes]
+        msgs = dialogue(probes, None, it.example, "", answer_train=None)
+        text = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs], tokenize=False)
+        n = len(tok(text, add_special_tokens=False).input_ids)
+        worst = max(worst, n + (len(probes) + 1) * cfg.max_new_tokens)
+    if worst > ctx:
+        raise ValueError(f"the longest dialogue needs up to {worst} tokens (k_probes={cfg.k_probes}, "
+                         f"max_new_tokens={cfg.max_new_tokens} per turn) but the model's context is {ctx}")
+
+
+def _json(d) -> str:
+    import json
+    return json.dumps(d, indent=2)
