@@ -12,14 +12,12 @@ Every field of `ProbeConfig` is a config-file key and a `--flag`. The merged con
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-import types
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from exgrpo.configs import add_dataclass_arguments, config_from_args, save_config
 
 
 @dataclass
@@ -60,93 +58,10 @@ class ProbeConfig:
     progress: bool = True
 
 
-# ---------------------------------------------------------------- config file + overrides
-
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(the non-None type, whether None is allowed) for `int | None`, `Literal[...]`, `str`..."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return inner[0], len(inner) < len(args)
-    return tp, False
-
-
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    base, optional = _base_type(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional:
-            return None
-        raise ValueError(f"config {name!r} cannot be empty")
-    if typing.get_origin(base) is Literal:
-        choices = typing.get_args(base)
-        if value not in choices:
-            raise ValueError(f"config {name!r} must be one of {list(choices)}, got {value!r}")
-        return value
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"config {name!r} must be true or false, got {value!r}")
-    try:
-        if base is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return base(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config {name!r} must be {base.__name__}, got {value!r}") from None
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"config file not found: {p}")
-    if p.suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            raise ValueError("TOML config files need Python 3.11+; use JSON") from None
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-        data = data.get("probe", data)  # allow a [probe] table
-    else:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a table/object of settings")
-    return data
-
-
-def make_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                source: str = "config") -> ProbeConfig:
-    """Defaults, then the file, then the command line; unknown keys are errors."""
-    known = typing.get_type_hints(ProbeConfig)
-    values: dict[str, Any] = {}
-    for layer, where in ((file_values or {}, source), (overrides or {}, "command line")):
-        for k, v in layer.items():
-            key = k.replace("-", "_")
-            if key not in known:
-                raise ValueError(f"{where}: unknown setting {k!r}; known: {', '.join(known)}")
-            values[key] = _coerce(key, known[key], v)
-    return ProbeConfig(**values)
-
+# ---------------------------------------------------------------- command line
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="JSON or TOML file of ProbeConfig settings")
-    hints = typing.get_type_hints(ProbeConfig)
-    for f in fields(ProbeConfig):
-        base, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        helptext = f"default: {default!r}"
-        # default=SUPPRESS: only flags actually given override the config file.
-        if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=helptext)
-        elif typing.get_origin(base) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(base), default=argparse.SUPPRESS, help=helptext)
-        else:
-            parser.add_argument(flag, type=str, default=argparse.SUPPRESS,
-                                help=helptext + (" (none to unset)" if optional else ""))
+    add_dataclass_arguments(parser, ProbeConfig)
 
 
 # ---------------------------------------------------------------- wiring
@@ -191,10 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from exgrpo.probes.summary import render, summarize
     from exgrpo.tasks.loaders import DatasetError
 
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
     try:
-        file_values = load_config_file(args.config) if args.config else {}
-        cfg = make_config(file_values, overrides, source=str(args.config))
+        cfg = config_from_args(ProbeConfig, args, table="probe")
         rules = load_rules(cfg.rules_file).select(cfg.rules.split(",") if cfg.rules else None)
         items, skipped = build_items(cfg)
         teacher = build_teacher(cfg, rules)
@@ -212,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    save_config(cfg, out / "config.json")
 
     bar = None
     on_total = on_progress = None
