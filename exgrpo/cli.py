@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("exgrpo.kernels_info", "list the kernel backends and why any is unavailable"),
     "probe": ("exgrpo.probe_cli", "build or resume an Explanatory Inversion probe set (Stage 1)"),
+    "eval": ("exgrpo.eval_cli", "single-pass greedy accuracy per task and split (the student sees Q alone)"),
 }
 
 
