@@ -14,6 +14,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("exgrpo.kernels_info", "list the kernel backends and why any is unavailable"),
     "probe": ("exgrpo.probe_cli", "build or resume an Explanatory Inversion probe set (Stage 1)"),
+    "sft": ("exgrpo.train_cli", "SFT warm-up on the teacher's responses (Stage 2)"),
+    "train": ("exgrpo.train_cli", "ExGRPO on multi-turn probe dialogues (Stage 3)"),
     "eval": ("exgrpo.eval_cli", "single-pass greedy accuracy per task and split (the student sees Q alone)"),
 }
 
@@ -22,14 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="exgrpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, add_help=False)   # -h goes on to the subcommand's own parser
         p.set_defaults(_module=module)
     # Parse the subcommand name first, then let its module add its own arguments.
     args, rest = parser.parse_known_args(argv)
     mod = importlib.import_module(args._module)
     p = argparse.ArgumentParser(prog=f"exgrpo {args.command}", description=SUBCOMMANDS[args.command][1])
-    mod.add_arguments(p)
-    return int(mod.run(p.parse_args(rest)) or 0)
+    add = getattr(mod, "add_arguments_for", None)
+    add(p, args.command) if add else mod.add_arguments(p)
+    ns = p.parse_args(rest)
+    ns._command = args.command
+    return int(mod.run(ns) or 0)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type[T], args: argparse.Namespace, table: str | None = None) -> T:
     """The config for a namespace built by `add_dataclass_arguments`: its --config file (if any),
     then the flags given."""
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    overrides = {k: v for k, v in vars(args).items() if k != "config" and not k.startswith("_")}
     path = getattr(args, "config", None)
     file_values = load_config_file(path, table) if path else {}
     return make_config(cls, file_values, overrides, source=str(path or "config"))

@@ -176,3 +176,15 @@ def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16,
         model = add_lora(model, r=lora_r, alpha=lora_alpha)
     model.train()
     return model, tok, dev
+
+
+def corpus_for(items) -> list[str]:
+    """The texts a tiny student's tokenizer is trained on: every question (as prompted), rationale,
+    probe and teacher response of a probe set."""
+    from exgrpo.tasks import get_task
+    out = []
+    for it in items:
+        out += [get_task(it.example.task).prompt(it.example), it.example.rationale or ""]
+        for p in it.probes:
+            out += [p.question, p.response]
+    return [t for t in out if t]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +77,7 @@ def sft(cfg: SFTConfig) -> Path:
 
     from exgrpo import checkpoint
     from exgrpo.batching import loss_and_backward, micro_batches
+    from exgrpo.configs import save_config
     from exgrpo.dialogues import load_probe_set
     from exgrpo.models import context_length, init_student
     from exgrpo.optim import make_optimizer
@@ -103,47 +104,57 @@ def sft(cfg: SFTConfig) -> Path:
     if last is not None:
         state = checkpoint.load(last, model, opt, sched)
         start, bad_streak = state["step"], state["bad_streak"]
-    (run / "config.json").write_text(__import__("json").dumps(asdict(cfg), indent=2))
+    save_config(cfg, run / "config.json")
     log = MetricsLog(run, resume_step=start)
     bar = tqdm(range(start, total), initial=start, total=total, desc="sft", disable=not cfg.progress)
 
-    for step in bar:
-        t0 = time.time()
-        epoch, j = divmod(step, per_epoch)
-        order = list(range(len(seqs)))
-        random.Random(cfg.seed * 7919 + epoch).shuffle(order)      # the data position is the step
-        batch = [seqs[i] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
+    done = saved = start                                # steps finished / checkpointed
+    try:
+        for step in bar:
+            t0 = time.time()
+            epoch, j = divmod(step, per_epoch)
+            order = list(range(len(seqs)))
+            random.Random(cfg.seed * 7919 + epoch).shuffle(order)      # the data position is the step
+            batch = [seqs[i] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
 
-        # ===================================================================== loss + step
-        mbs = micro_batches(batch, cfg.micro_batch_tokens, tok.pad_token_id, dev)
-        opt.zero_grad(set_to_none=True)
-        m = loss_and_backward(model, mbs, batch, eps_low=0.2, eps_high=0.2, beta=0.0, aux_coef=1.0,
-                              backend=cfg.backend)
-        gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                     cfg.grad_clip))
-        skipped = not (math.isfinite(m["loss"]) and math.isfinite(gnorm))
-        if skipped:
+            # ===================================================================== loss + step
+            mbs = micro_batches(batch, cfg.micro_batch_tokens, tok.pad_token_id, dev)
             opt.zero_grad(set_to_none=True)
-            bad_streak += 1
-        else:
-            opt.step()
-            bad_streak = 0
-        sched.step()
-        rec = {"step": step + 1, "epoch": epoch, "nll": m["aux_nll"], "n_tokens": m["n_sft_tokens"],
-               "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": time.time() - t0}
-        log.write(rec)
-        bar.set_postfix(nll=f"{m['aux_nll']:.3f}", epoch=epoch)
-        if skipped:
-            print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
-            if bad_streak >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
-                                         f"checkpoint is {checkpoint.latest(run)}")
-            continue
+            m = loss_and_backward(model, mbs, batch, eps_low=0.2, eps_high=0.2, beta=0.0, aux_coef=1.0,
+                                  backend=cfg.backend)
+            gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                         cfg.grad_clip))
+            skipped = not (math.isfinite(m["loss"]) and math.isfinite(gnorm))
+            if skipped:
+                opt.zero_grad(set_to_none=True)
+                bad_streak += 1
+            else:
+                opt.step()
+                bad_streak = 0
+            sched.step()
+            rec = {"step": step + 1, "epoch": epoch, "nll": m["aux_nll"], "n_tokens": m["n_sft_tokens"],
+                   "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": time.time() - t0}
+            log.write(rec)
+            bar.set_postfix(nll=f"{m['aux_nll']:.3f}", epoch=epoch)
+            if skipped:
+                print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
+                if bad_streak >= cfg.max_bad_steps:
+                    raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
+                                             f"checkpoint is {checkpoint.latest(run)}")
+                continue
 
-        # ===================================================================== checkpoint
-        if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-            checkpoint.save(run, step + 1, model, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
+            done = step + 1
+            # ===================================================================== checkpoint
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                checkpoint.save(run, step + 1, model, opt, sched, {"bad_streak": bad_streak},
+                                keep=cfg.keep_checkpoints)
+                saved = step + 1
+    except KeyboardInterrupt:                           # nothing finished is lost on Ctrl-C
+        if done > saved:
+            checkpoint.save(run, done, model, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
+            print(f"interrupted: checkpoint saved at step {done}; continue with --resume")
+        raise
 
     export = checkpoint.export(model, tok, run / "export")
     plot_curves(log.read(), ["nll", "grad_norm", "lr"], run / "curves.png", "SFT")

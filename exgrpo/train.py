@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -67,11 +67,13 @@ class TrainConfig:
     progress: bool = True
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, *, engine=None) -> Path:
+    """Run (or resume) ExGRPO; returns the exported model folder. `engine` overrides the rollout engine."""
     from tqdm import tqdm
 
     from exgrpo import checkpoint
     from exgrpo.batching import Sequence, loss_and_backward, micro_batches, sequence_logprobs
+    from exgrpo.configs import save_config
     from exgrpo.dialogues import (
         POLICY,
         SFT,
@@ -106,7 +108,7 @@ def train(cfg: TrainConfig) -> Path:
         ref_model.requires_grad_(False)
     opt, sched = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                 total_steps=cfg.steps, schedule=cfg.schedule)
-    engine = HFEngine(model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    engine = engine or HFEngine(model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                       batch_size=cfg.rollout_batch_size, max_context=ctx)
     start, bad_streak = 0, 0
     last = checkpoint.latest(run) if cfg.resume else None
@@ -115,102 +117,113 @@ def train(cfg: TrainConfig) -> Path:
         start, bad_streak = state["step"], state["bad_streak"]
     elif cfg.resume:
         print(f"no checkpoint in {run}: starting from step 0")
-    (run / "config.json").write_text(_json(asdict(cfg)))
+    save_config(cfg, run / "config.json")
     log = MetricsLog(run, resume_step=start)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="exgrpo", disable=not cfg.progress)
 
-    for step in bar:
-        t0 = time.time()
-        seed = cfg.seed * 1_000_003 + step                  # per-step seeding: a resumed run replays exactly
-        rng = random.Random(seed)
-        torch.manual_seed(seed)
-        batch = _questions(items, step, cfg.questions_per_step, cfg.seed)
+    done = saved = start                                # steps finished / checkpointed
+    try:
+        for step in bar:
+            t0 = time.time()
+            seed = cfg.seed * 1_000_003 + step                  # per-step seeding: a resumed run replays exactly
+            rng = random.Random(seed)
+            torch.manual_seed(seed)
+            batch = _questions(items, step, cfg.questions_per_step, cfg.seed)
 
-        # ===================================================================== rollout
-        turns, meta = [], []                                # one entry per trajectory
-        aux_probes = []
-        for q, item in enumerate(batch):
-            full = sample_probes(item, cfg.k_probes, rng)
-            k_part = partial_count(len(full), rng)
-            qmsg = question_message(item.example)
-            for is_full, probes in ((True, full), (False, full[:k_part])):
-                for _ in range(cfg.group_size):
-                    turns.append([{"role": "user", "content": p.question} for p in probes] + [qmsg])
-                    meta.append((q, is_full, probes))
-            aux_probes.append(full)
-        model.eval()
-        answers = run_dialogues(engine, turns)
-        model.train()
+            # ===================================================================== rollout
+            turns, meta = [], []                                # one entry per trajectory
+            aux_probes = []
+            for q, item in enumerate(batch):
+                full = sample_probes(item, cfg.k_probes, rng)
+                k_part = partial_count(len(full), rng)
+                qmsg = question_message(item.example)
+                for is_full, probes in ((True, full), (False, full[:k_part])):
+                    for _ in range(cfg.group_size):
+                        turns.append([{"role": "user", "content": p.question} for p in probes] + [qmsg])
+                        meta.append((q, is_full, probes))
+                aux_probes.append(full)
+            model.eval()
+            answers = run_dialogues(engine, turns)
+            model.train()
 
-        # ===================================================================== reward
-        G2 = 2 * cfg.group_size
-        outcome = torch.zeros(len(batch), G2)
-        for d, (q, _, _) in enumerate(meta):
-            ex = batch[q].example
-            task = get_task(ex.task)
-            outcome[q, d % G2] = float(task.is_correct(task.extract(answers[d][-1], ex), ex.answer))
-        is_full = torch.zeros(len(batch), G2, dtype=torch.bool)
-        is_full[:, : cfg.group_size] = True
+            # ===================================================================== reward
+            G2 = 2 * cfg.group_size
+            outcome = torch.zeros(len(batch), G2)
+            for d, (q, _, _) in enumerate(meta):
+                ex = batch[q].example
+                task = get_task(ex.task)
+                outcome[q, d % G2] = float(task.is_correct(task.extract(answers[d][-1], ex), ex.answer))
+            is_full = torch.zeros(len(batch), G2, dtype=torch.bool)
+            is_full[:, : cfg.group_size] = True
 
-        # ===================================================================== advantage
-        adv, total, fired = exgrpo_advantages(outcome, is_full, delta=cfg.delta if cfg.bonus else 0.0, nu=cfg.nu,
-                                              scale=cfg.scale, group_by=cfg.group_by)
-        seqs = []
-        for d, (q, _, probes) in enumerate(meta):
-            msgs = dialogue(probes, answers[d][:-1], batch[q].example, answers[d][-1], answer_train=POLICY)
-            t = render(tok, msgs)
-            seqs.append(Sequence(t.ids, t.policy, t.sft, advantage=float(adv[q, d % G2])))
-        if cfg.aux_coef > 0:                                # teacher-forced probe answers in their context
-            for probes in aux_probes:
-                if probes:
-                    t = render(tok, dialogue(probes, None, None, None, answer_train=SFT))
-                    seqs.append(Sequence(t.ids, t.policy, t.sft))
-        mbs = micro_batches(seqs, cfg.micro_batch_tokens, tok.pad_token_id, dev)
-        if cfg.updates_per_batch > 1:                       # ratios need the rollout policy's log-probs
-            for s, lp in zip(seqs, sequence_logprobs(model, mbs, seqs, backend=cfg.backend)):
-                s.old_logp = lp
-        if cfg.beta > 0:
-            if ref_model is not None:
-                ref = sequence_logprobs(ref_model, mbs, seqs, backend=cfg.backend)
-            else:
-                with reference_mode(model):
-                    ref = sequence_logprobs(model, mbs, seqs, backend=cfg.backend)
-            for s, lp in zip(seqs, ref):
-                s.ref_logp = lp
+            # ===================================================================== advantage
+            adv, total, fired = exgrpo_advantages(outcome, is_full, delta=cfg.delta if cfg.bonus else 0.0, nu=cfg.nu,
+                                                  scale=cfg.scale, group_by=cfg.group_by)
+            seqs = []
+            for d, (q, _, probes) in enumerate(meta):
+                msgs = dialogue(probes, answers[d][:-1], batch[q].example, answers[d][-1], answer_train=POLICY)
+                t = render(tok, msgs)
+                seqs.append(Sequence(t.ids, t.policy, t.sft, advantage=float(adv[q, d % G2])))
+            if cfg.aux_coef > 0:                                # teacher-forced probe answers in their context
+                for probes in aux_probes:
+                    if probes:
+                        t = render(tok, dialogue(probes, None, None, None, answer_train=SFT))
+                        seqs.append(Sequence(t.ids, t.policy, t.sft))
+            mbs = micro_batches(seqs, cfg.micro_batch_tokens, tok.pad_token_id, dev)
+            if cfg.updates_per_batch > 1:                       # ratios need the rollout policy's log-probs
+                for s, lp in zip(seqs, sequence_logprobs(model, mbs, seqs, backend=cfg.backend)):
+                    s.old_logp = lp
+            if cfg.beta > 0:
+                if ref_model is not None:
+                    ref = sequence_logprobs(ref_model, mbs, seqs, backend=cfg.backend)
+                else:
+                    with reference_mode(model):
+                        ref = sequence_logprobs(model, mbs, seqs, backend=cfg.backend)
+                for s, lp in zip(seqs, ref):
+                    s.ref_logp = lp
 
-        # ===================================================================== loss + step
-        for _ in range(cfg.updates_per_batch):
-            opt.zero_grad(set_to_none=True)
-            m = loss_and_backward(model, mbs, seqs, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
-                                  aux_coef=cfg.aux_coef, backend=cfg.backend)
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                         cfg.grad_clip))
-            skipped = not (math.isfinite(m["loss"]) and math.isfinite(gnorm))
-            if skipped:                                     # never step on a non-finite loss or gradient
+            # ===================================================================== loss + step
+            for _ in range(cfg.updates_per_batch):
                 opt.zero_grad(set_to_none=True)
-                bad_streak += 1
-                break
-            opt.step()
-            bad_streak = 0
-        sched.step()
-        rec = {"step": step + 1, "reward": float(total.mean()), "acc": float(outcome.mean()),
-               "acc_full": float(outcome[:, : cfg.group_size].mean()),
-               "acc_partial": float(outcome[:, cfg.group_size:].mean()), "dsu_fire_rate": float(fired.float().mean()),
-               **m, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped,
-               "seconds": time.time() - t0}
-        log.write(rec)
-        bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['acc']:.2f}", kl=f"{m['kl']:.3f}",
-                        clip=f"{m['clip_frac_low'] + m['clip_frac_high']:.2f}", dsu=f"{rec['dsu_fire_rate']:.2f}")
-        if skipped:
-            print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
-            if bad_streak >= cfg.max_bad_steps:
-                raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
-                                         f"checkpoint is {checkpoint.latest(run)}")
-            continue
+                m = loss_and_backward(model, mbs, seqs, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+                                      aux_coef=cfg.aux_coef, backend=cfg.backend)
+                gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                             cfg.grad_clip))
+                skipped = not (math.isfinite(m["loss"]) and math.isfinite(gnorm))
+                if skipped:                                     # never step on a non-finite loss or gradient
+                    opt.zero_grad(set_to_none=True)
+                    bad_streak += 1
+                    break
+                opt.step()
+                bad_streak = 0
+            sched.step()
+            rec = {"step": step + 1, "reward": float(total.mean()), "acc": float(outcome.mean()),
+                   "acc_full": float(outcome[:, : cfg.group_size].mean()),
+                   "acc_partial": float(outcome[:, cfg.group_size:].mean()),
+                   "dsu_fire_rate": float(fired.float().mean()),
+                   **m, "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped,
+                   "seconds": time.time() - t0}
+            log.write(rec)
+            bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['acc']:.2f}", kl=f"{m['kl']:.3f}",
+                            clip=f"{m['clip_frac_low'] + m['clip_frac_high']:.2f}", dsu=f"{rec['dsu_fire_rate']:.2f}")
+            if skipped:
+                print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
+                if bad_streak >= cfg.max_bad_steps:
+                    raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
+                                             f"checkpoint is {checkpoint.latest(run)}")
+                continue
 
-        # ===================================================================== checkpoint
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            checkpoint.save(run, step + 1, model, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
+            done = step + 1
+            # ===================================================================== checkpoint
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                checkpoint.save(run, step + 1, model, opt, sched, {"bad_streak": bad_streak},
+                                keep=cfg.keep_checkpoints)
+                saved = step + 1
+    except KeyboardInterrupt:                           # nothing finished is lost on Ctrl-C
+        if done > saved:
+            checkpoint.save(run, done, model, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
+            print(f"interrupted: checkpoint saved at step {done}; continue with --resume")
+        raise
 
     export = checkpoint.export(model, tok, run / "export")
     plot_curves(log.read(), ["reward", "acc", "acc_full", "acc_partial", "dsu_fire_rate", "kl", "clip_frac_low",
@@ -242,8 +255,3 @@ def _check_lengths(items, tok, cfg: TrainConfig, ctx: int) -> None:
     if worst > ctx:
         raise ValueError(f"the longest dialogue needs up to {worst} tokens (k_probes={cfg.k_probes}, "
                          f"max_new_tokens={cfg.max_new_tokens} per turn) but the model's context is {ctx}")
-
-
-def _json(d) -> str:
-    import json
-    return json.dumps(d, indent=2)

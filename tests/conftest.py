@@ -18,3 +18,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def probe_dir(tmp_path_factory):
+    """A small synthetic probe set from the oracle teacher (offline, under a second)."""
+    from exgrpo.probes.pipeline import run_pipeline
+    from exgrpo.probes.rules import load_rules
+    from exgrpo.probes.teachers import OracleTeacher
+    from exgrpo.tasks import get_task, synthetic
+    out = tmp_path_factory.mktemp("probes")
+    task = get_task("synthetic")
+    run_pipeline([(task, e) for e in synthetic.generate(12, "held_in", 0)], OracleTeacher(), load_rules(None),
+                 out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, probe_dir):
+    """A randomly initialised tiny Gemma student + tokenizer trained on the probe set's texts."""
+    from exgrpo.dialogues import load_probe_set
+    from exgrpo.models import build_tiny_student, corpus_for
+    return build_tiny_student(tmp_path_factory.mktemp("student") / "tiny", corpus_for(load_probe_set(probe_dir)),
+                              context=1024)

@@ -1,0 +1,30 @@
+"""`exgrpo sft` and `exgrpo train`: the config file + flags -> SFTConfig / TrainConfig -> the loop."""
+from __future__ import annotations
+
+import argparse
+
+from exgrpo.configs import add_dataclass_arguments, config_from_args
+from exgrpo.sft import SFTConfig, sft
+from exgrpo.train import TrainConfig, train
+
+CONFIGS = {"sft": (SFTConfig, sft), "train": (TrainConfig, train)}
+
+
+def add_arguments_for(parser: argparse.ArgumentParser, command: str) -> None:
+    add_dataclass_arguments(parser, CONFIGS[command][0])
+
+
+def run(args: argparse.Namespace) -> int:
+    cls, fn = CONFIGS[args._command]
+    try:
+        cfg = config_from_args(cls, args, table=args._command)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"exgrpo {args._command}: {e}")
+        return 2
+    try:
+        out = fn(cfg)
+    except (ValueError, FloatingPointError) as e:          # bad input / non-finite stop: a message, not a trace
+        print(f"exgrpo {args._command}: {e}")
+        return 1
+    print(f"exported: {out}")
+    return 0
