@@ -1,6 +1,7 @@
 """A wheel ships exactly the packages pyproject lists: every exgrpo subpackage must be there."""
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
