@@ -39,6 +39,8 @@ class TrainConfig:
     temperature: float = 1.0
     max_new_tokens: int = 96                # per turn
     rollout_batch_size: int = 64
+    engine: Literal["hf", "vllm"] = "hf"    # vllm: colocated engine, weights synced after each update (GPU)
+    vllm_memory: float = 0.35               # the vLLM engine's share of GPU memory
     # reward / advantage
     bonus: bool = True                      # the DSU bonus (off: RL on R_base only)
     delta: float = 0.5
@@ -87,7 +89,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
     from exgrpo.kernels import exgrpo_advantages
     from exgrpo.models import context_length, init_student, load_model, reference_mode
     from exgrpo.optim import make_optimizer
-    from exgrpo.rollout import HFEngine, run_dialogues
+    from exgrpo.rollout import HFEngine, VLLMEngine, run_dialogues
     from exgrpo.runlog import MetricsLog, plot_curves
     from exgrpo.tasks import get_task
 
@@ -108,8 +110,12 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
         ref_model.requires_grad_(False)
     opt, sched = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                 total_steps=cfg.steps, schedule=cfg.schedule)
+    if engine is None and cfg.engine == "vllm":
+        engine = VLLMEngine(cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed)
     engine = engine or HFEngine(model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      batch_size=cfg.rollout_batch_size, max_context=ctx)
+                                batch_size=cfg.rollout_batch_size, max_context=ctx)
+    colocated = isinstance(engine, VLLMEngine)
     start, bad_streak = 0, 0
     last = checkpoint.latest(run) if cfg.resume else None
     if last is not None:
@@ -143,7 +149,12 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
                         meta.append((q, is_full, probes))
                 aux_probes.append(full)
             model.eval()
+            if colocated:                                   # wake the engine, then push the latest update into it
+                engine.wake()
+                engine.sync_weights(model)
             answers = run_dialogues(engine, turns)
+            if colocated:                                   # give the trainer the engine's memory back
+                engine.sleep()
             model.train()
 
             # ===================================================================== reward
