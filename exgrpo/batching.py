@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from exgrpo.kernels import IGNORE_INDEX, fused_exgrpo_loss, token_logprobs
-from exgrpo.models import hidden_states, lm_head
+from exgrpo.kernels import IGNORE_INDEX
 
 
 @dataclass
@@ -68,6 +67,15 @@ def micro_batches(seqs: list[Sequence], token_budget: int, pad_id: int, device) 
     return out
 
 
+def equalize(mbs: list[MicroBatch], n: int, pad_id: int, device) -> list[MicroBatch]:
+    """Pad with empty micro-batches to `n` forward passes. Under FSDP every rank must run the same
+    number of forwards/backwards (each one all-gathers and reduce-scatters); an empty one trains nothing."""
+    z = torch.zeros(1, 2, dtype=torch.bool, device=device)
+    dummy = MicroBatch([], torch.full((1, 2), pad_id, device=device), torch.ones(1, 2, dtype=torch.long, device=device),
+                       torch.full((1, 2), IGNORE_INDEX, device=device), z, z)
+    return mbs + [dummy] * (n - len(mbs))
+
+
 def _per_token(mb: MicroBatch, seqs: list[Sequence], field: str) -> torch.Tensor | None:
     vals = [getattr(seqs[i], field) for i in mb.index]
     if any(v is None for v in vals):
@@ -79,45 +87,50 @@ def _per_token(mb: MicroBatch, seqs: list[Sequence], field: str) -> torch.Tensor
 
 
 @torch.no_grad()
-def sequence_logprobs(model, mbs: list[MicroBatch], seqs: list[Sequence], *, backend="auto",
+def sequence_logprobs(policy, mbs: list[MicroBatch], seqs: list[Sequence], *, backend="auto",
                       temperature=1.0) -> list[torch.Tensor]:
-    """Per-sequence log-probs of targets 1..L-1 ([L-1] fp32 each), micro-batch by micro-batch."""
+    """Per-sequence log-probs of targets 1..L-1 ([L-1] fp32 each), micro-batch by micro-batch.
+    `policy` is an exgrpo.policy.Policy (possibly FSDP-sharded)."""
     out: list[torch.Tensor | None] = [None] * len(seqs)
-    W, softcap = lm_head(model)
     for mb in mbs:
-        h = hidden_states(model, mb.input_ids, mb.attention)
-        lp = token_logprobs(h, W, mb.targets, temperature=temperature, softcap=softcap, backend=backend)
+        lp = policy(mb.input_ids, mb.attention, mb.targets, logprobs_only=True, backend=backend,
+                    temperature=temperature)
         for r, i in enumerate(mb.index):
             out[i] = lp[r, : len(seqs[i].ids) - 1].float().cpu()
     return out
 
 
-def loss_and_backward(model, mbs: list[MicroBatch], seqs: list[Sequence], *, eps_low, eps_high, beta, aux_coef,
-                      backend="auto", temperature=1.0, need_grad=True) -> dict[str, float]:
-    """One optimizer step's worth of forward+backward over all micro-batches; returns summed metrics."""
-    W, softcap = lm_head(model)
-    n_tot = sum(int(mb.mask.sum()) for mb in mbs)
-    s_tot = sum(int(mb.sft_mask.sum()) for mb in mbs)
+def loss_and_backward(policy, mbs: list[MicroBatch], seqs: list[Sequence], *, eps_low, eps_high, beta, aux_coef,
+                      backend="auto", temperature=1.0, need_grad=True, totals: tuple[int, int] | None = None,
+                      grad_scale: float = 1.0, skip_empty: bool = True) -> dict[str, float]:
+    """One optimizer step's worth of forward+backward over all micro-batches; returns summed metrics.
+
+    `totals` = (policy tokens, teacher-forced tokens) of the whole (global) batch; by default this
+    process's. Under data parallelism pass the all-reduced counts and grad_scale = world size (FSDP
+    averages gradients over ranks; the objective is a sum over the global batch)."""
+    n_loc = sum(int(mb.mask.sum()) for mb in mbs)
+    s_loc = sum(int(mb.sft_mask.sum()) for mb in mbs)
+    n_tot, s_tot = totals if totals is not None else (n_loc, s_loc)
     agg = {"loss": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "kl": 0.0, "ratio": 0.0, "aux_nll": 0.0,
            "n_tokens": float(n_tot), "n_sft_tokens": float(s_tot)}
     for mb in mbs:
         n_mb, s_mb = int(mb.mask.sum()), int(mb.sft_mask.sum())
-        if n_mb == 0 and (s_mb == 0 or aux_coef == 0):
+        if skip_empty and n_mb == 0 and (s_mb == 0 or aux_coef == 0):
             continue
-        h = hidden_states(model, mb.input_ids, mb.attention)
-        adv = torch.tensor([seqs[i].advantage for i in mb.index], dtype=torch.float32, device=h.device)
+        adv = torch.tensor([seqs[i].advantage for i in mb.index] or [0.0] * mb.targets.shape[0], dtype=torch.float32,
+                           device=mb.targets.device)
         w_policy = n_mb / max(n_tot, 1)
-        loss, m = fused_exgrpo_loss(
-            h, W, mb.targets, mb.mask, adv, old_logp=_per_token(mb, seqs, "old_logp"),
-            ref_logp=_per_token(mb, seqs, "ref_logp") if beta > 0 else None,
+        loss, m = policy(
+            mb.input_ids, mb.attention, mb.targets, mask=mb.mask, advantages=adv,
+            old_logp=_per_token(mb, seqs, "old_logp"), ref_logp=_per_token(mb, seqs, "ref_logp") if beta > 0 else None,
             weights=torch.full_like(adv, w_policy), sft_mask=mb.sft_mask,
             aux_coef=aux_coef * s_mb / max(s_tot, 1), eps_low=eps_low, eps_high=eps_high, beta=beta,
-            reduction="token_mean", temperature=temperature, softcap=softcap, backend=backend)
+            reduction="token_mean", temperature=temperature, backend=backend)
         if need_grad:
-            loss.backward()
+            (loss * grad_scale).backward()
         agg["loss"] += float(loss.detach())
         for k in ("clip_frac_low", "clip_frac_high", "kl", "ratio"):
             agg[k] += float(m[k]) * n_mb / max(n_tot, 1)
         agg["aux_nll"] += float(m["aux_nll"]) * s_mb / max(s_tot, 1)
-        del h, loss
+        del loss
     return agg

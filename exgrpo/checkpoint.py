@@ -1,9 +1,15 @@
-"""Checkpoints that survive a crash: written into a temporary folder, every file fsynced, the folder
-renamed into place, then the `latest` pointer replaced atomically. A kill at any instant leaves
-either the previous checkpoint or the new one, never a half-written one that `latest` points to.
+"""Checkpoints that survive a crash and move between world sizes.
 
-A checkpoint holds the model (full weights, or only the LoRA adapter) in safetensors, the optimizer
-and scheduler states, the RNG states and the trainer's position (step, data cursor, metrics).
+Layout of `run/ckpt-NNNNNN/`:
+    dcp/          model + optimizer, torch.distributed.checkpoint (sharded under FSDP2; any number of
+                  processes, or none, can load it: DCP reshards on load)
+    model/        single-process runs only: the model (or LoRA adapter) as safetensors, save_pretrained
+    trainer.pt    scheduler and RNG states
+    state.json    step, data position and loop counters
+
+Writing: everything goes into `.tmp-ckpt-NNNNNN/`, every file is fsynced, the folder is renamed into
+place, then the `latest` pointer is replaced atomically. A kill at any instant leaves either the
+previous checkpoint or the new one, never a half-written one that `latest` points to.
 """
 from __future__ import annotations
 
@@ -14,7 +20,15 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
+from exgrpo.distributed import SINGLE, Dist, barrier
 from exgrpo.models import is_lora
 
 
@@ -23,7 +37,8 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    for p in sorted({q.parent for q in path.rglob("*")} | {path}):
+        _fsync_dir(p)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -46,30 +61,43 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, *, keep: int = 2) -> Path:
+def _hf_model(module):
+    """The transformers model inside a Policy wrapper (or the module itself)."""
+    return getattr(module, "model", module) if not hasattr(module, "save_pretrained") else module
+
+
+def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, *, keep: int = 2,
+         d: Dist = SINGLE) -> Path:
+    """Collective under torchrun: every rank writes its shards, rank 0 commits."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{step:06d}"
     tmp = run_dir / f".tmp-ckpt-{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(str(tmp / "model"), safe_serialization=True)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-    _fsync_tree(tmp)
-    if final.exists():                                   # re-saving the same step (e.g. after a resume)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(run_dir)
-    ptr = run_dir / ".latest.tmp"
-    ptr.write_text(final.name)
-    with open(ptr, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(ptr, run_dir / "latest")
-    _fsync_dir(run_dir)
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if d.main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    if d.main:
+        if not d.on:
+            _hf_model(model).save_pretrained(str(tmp / "model"), safe_serialization=True)
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world": d.world, **state}))
+        _fsync_tree(tmp)
+        if final.exists():                               # re-saving the same step (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+        ptr = run_dir / ".latest.tmp"
+        ptr.write_text(final.name)
+        with open(ptr, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(ptr, run_dir / "latest")
+        _fsync_dir(run_dir)
+        for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
     return final
 
 
@@ -82,42 +110,45 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load(ckpt: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG in place; returns the trainer state."""
-    from safetensors.torch import load_file
-    mdir = Path(ckpt) / "model"
-    if is_lora(model):
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(model, load_file(str(mdir / "adapter_model.safetensors")))
-    else:
-        sd = {}
-        for f in sorted(mdir.glob("*.safetensors")):
-            sd.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not _is_tied(model, k)]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+    """Restore weights, optimizer, scheduler and RNG in place, on any number of processes (the
+    checkpoint may come from another world size); returns the trainer state."""
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     blob = torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     set_rng_state(blob["rng"])
     return json.loads((Path(ckpt) / "state.json").read_text())
 
 
-def _is_tied(model, key: str) -> bool:
-    return key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+def export(model, tokenizer, out_dir: Path, *, d: Dist = SINGLE, base: str | None = None, lora_cfg=None) -> Path:
+    """A plain transformers model folder (LoRA merged in) that `from_pretrained` loads.
 
-
-def export(model, tokenizer, out_dir: Path) -> Path:
-    """A plain transformers model folder (LoRA merged in) that `from_pretrained` loads."""
+    Under FSDP2 the full state dict is gathered to rank 0 (offloaded to CPU) and loaded into a fresh
+    copy of `base` (with the same LoRA shape when `lora_cfg` is given), which is then saved."""
     out_dir = Path(out_dir)
+    hf = _hf_model(model)
+    if d.on:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if d.main:
+            from exgrpo.models import add_lora, load_model
+            fresh = load_model(base, dtype=torch.float32)
+            if lora_cfg is not None:
+                fresh = add_lora(fresh, **lora_cfg)
+            strip = "model." if hf is not model else ""
+            fresh.load_state_dict({k.removeprefix(strip): v for k, v in full.items()})
+            hf = fresh
+        barrier(d)
+        if not d.main:
+            return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    to_save = model
-    if is_lora(model):
+    to_save = hf
+    if is_lora(hf):
         import copy
-        to_save = copy.deepcopy(model).merge_and_unload()
+        to_save = copy.deepcopy(hf).merge_and_unload()
     to_save.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     _fsync_tree(tmp)

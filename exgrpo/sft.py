@@ -73,59 +73,73 @@ def sft_sequences(items, tok, cfg: SFTConfig):
 
 
 def sft(cfg: SFTConfig) -> Path:
+    """Run (or resume) the SFT warm-up; returns the exported model folder. Under torchrun each rank
+    takes its share of every batch and the model is sharded with FSDP2."""
     from tqdm import tqdm
 
-    from exgrpo import checkpoint
-    from exgrpo.batching import loss_and_backward, micro_batches
+    from exgrpo import checkpoint, distributed
+    from exgrpo.batching import equalize, loss_and_backward, micro_batches
     from exgrpo.configs import save_config
     from exgrpo.dialogues import load_probe_set
     from exgrpo.models import context_length, init_student
     from exgrpo.optim import make_optimizer
+    from exgrpo.policy import Policy
     from exgrpo.runlog import MetricsLog, plot_curves
 
     # ========================================================================= init
+    d, dev = distributed.init(cfg.device)
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     items = load_probe_set(cfg.probes)
+    mixed = d.on and dev.type == "cuda" and cfg.dtype != "fp32"   # FSDP2: fp32 master, bf16 compute
     model, tok, dev = init_student(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                   dtype=cfg.dtype, device=cfg.device,
+                                   dtype="fp32" if mixed else cfg.dtype, device=str(dev),
                                    gradient_checkpointing=cfg.gradient_checkpointing)
     seqs = sft_sequences(items, tok, cfg)
     ctx = context_length(model)
     longest = max(len(s.ids) for s in seqs)
     if longest > ctx:
         raise ValueError(f"an SFT sequence has {longest} tokens but the model's context is {ctx}")
+    policy = Policy(model)
+    if d.on:
+        distributed.shard(policy, policy.decoder_layers(), mixed_precision=mixed)
     per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * per_epoch))
-    opt, sched = make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+    opt, sched = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                 total_steps=total, schedule=cfg.schedule)
     start, bad_streak = 0, 0
     last = checkpoint.latest(run) if cfg.resume else None
     if last is not None:
-        state = checkpoint.load(last, model, opt, sched)
+        state = checkpoint.load(last, policy, opt, sched)
         start, bad_streak = state["step"], state["bad_streak"]
-    save_config(cfg, run / "config.json")
-    log = MetricsLog(run, resume_step=start)
-    bar = tqdm(range(start, total), initial=start, total=total, desc="sft", disable=not cfg.progress)
+    if d.main:
+        save_config(cfg, run / "config.json")
+        log = MetricsLog(run, resume_step=start)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="sft", disable=not (cfg.progress and d.main))
 
-    done = saved = start                                # steps finished / checkpointed
+    done = saved = start                                    # steps finished / checkpointed
     try:
         for step in bar:
             t0 = time.time()
             epoch, j = divmod(step, per_epoch)
             order = list(range(len(seqs)))
             random.Random(cfg.seed * 7919 + epoch).shuffle(order)      # the data position is the step
-            batch = [seqs[i] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size]]
+            batch = [seqs[i] for i in order[j * cfg.batch_size:(j + 1) * cfg.batch_size]][d.rank::d.world]
             torch.manual_seed(cfg.seed * 1_000_003 + step)
 
             # ===================================================================== loss + step
             mbs = micro_batches(batch, cfg.micro_batch_tokens, tok.pad_token_id, dev)
+            if d.on:                                        # FSDP: the same number of passes on every rank
+                mbs = equalize(mbs, int(distributed.all_max([len(mbs)], d, dev)[0]), tok.pad_token_id, dev)
+            totals = distributed.all_sum([0, sum(int(mb.sft_mask.sum()) for mb in mbs)], d, dev)
             opt.zero_grad(set_to_none=True)
-            m = loss_and_backward(model, mbs, batch, eps_low=0.2, eps_high=0.2, beta=0.0, aux_coef=1.0,
-                                  backend=cfg.backend)
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                         cfg.grad_clip))
-            skipped = not (math.isfinite(m["loss"]) and math.isfinite(gnorm))
+            m = loss_and_backward(policy, mbs, batch, eps_low=0.2, eps_high=0.2, beta=0.0, aux_coef=1.0,
+                                  backend=cfg.backend, totals=(0, int(totals[1])), grad_scale=float(d.world),
+                                  skip_empty=not d.on)
+            gnorm = distributed.clip_grad_norm(policy.parameters(), cfg.grad_clip)
+            local_loss = m["loss"]
+            m["loss"], m["aux_nll"] = distributed.all_sum([m["loss"], m["aux_nll"]], d, dev)
+            skipped = not (math.isfinite(m["loss"]) and math.isfinite(local_loss) and math.isfinite(gnorm))
             if skipped:
                 opt.zero_grad(set_to_none=True)
                 bad_streak += 1
@@ -135,10 +149,12 @@ def sft(cfg: SFTConfig) -> Path:
             sched.step()
             rec = {"step": step + 1, "epoch": epoch, "nll": m["aux_nll"], "n_tokens": m["n_sft_tokens"],
                    "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": time.time() - t0}
-            log.write(rec)
+            if d.main:
+                log.write(rec)
             bar.set_postfix(nll=f"{m['aux_nll']:.3f}", epoch=epoch)
             if skipped:
-                print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
+                if d.main:
+                    print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
                 if bad_streak >= cfg.max_bad_steps:
                     raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
                                              f"checkpoint is {checkpoint.latest(run)}")
@@ -147,15 +163,17 @@ def sft(cfg: SFTConfig) -> Path:
             done = step + 1
             # ===================================================================== checkpoint
             if (step + 1) % cfg.save_every == 0 or step + 1 == total:
-                checkpoint.save(run, step + 1, model, opt, sched, {"bad_streak": bad_streak},
-                                keep=cfg.keep_checkpoints)
+                checkpoint.save(run, step + 1, policy, opt, sched, {"bad_streak": bad_streak},
+                                keep=cfg.keep_checkpoints, d=d)
                 saved = step + 1
-    except KeyboardInterrupt:                           # nothing finished is lost on Ctrl-C
-        if done > saved:
-            checkpoint.save(run, done, model, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
+    except KeyboardInterrupt:                               # nothing finished is lost on Ctrl-C
+        if done > saved and not d.on:                       # (under torchrun, the agent stops every rank)
+            checkpoint.save(run, done, policy, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
             print(f"interrupted: checkpoint saved at step {done}; continue with --resume")
         raise
 
-    export = checkpoint.export(model, tok, run / "export")
-    plot_curves(log.read(), ["nll", "grad_norm", "lr"], run / "curves.png", "SFT")
+    export = checkpoint.export(policy, tok, run / "export", d=d, base=cfg.model,
+                               lora_cfg=dict(r=cfg.lora_r, alpha=cfg.lora_alpha) if cfg.lora else None)
+    if d.main:
+        plot_curves(log.read(), ["nll", "grad_norm", "lr"], run / "curves.png", "SFT")
     return export

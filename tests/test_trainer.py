@@ -227,11 +227,12 @@ def test_lora_reference_is_the_base_model(tiny_student, probe_dir):
     t = render(tok, dialogue(list(it.probes[:2]), None, None, None, answer_train=SFT))
     seqs = [Sequence(t.ids, t.policy, t.sft)]
     mbs = micro_batches(seqs, 4096, tok.pad_token_id, dev)
-    base = load_model(tiny_student)
+    from exgrpo.policy import Policy
+    base = Policy(load_model(tiny_student))
     lp_base = sequence_logprobs(base, mbs, seqs)[0]
     with reference_mode(model):
-        lp_ref = sequence_logprobs(model, mbs, seqs)[0]
-    lp_policy = sequence_logprobs(model, mbs, seqs)[0]
+        lp_ref = sequence_logprobs(Policy(model), mbs, seqs)[0]
+    lp_policy = sequence_logprobs(Policy(model), mbs, seqs)[0]
     torch.testing.assert_close(lp_ref, lp_base, rtol=1e-5, atol=1e-5)
     assert (lp_policy - lp_base).abs().max() > 1e-2, "the adapter must change the policy"
 

@@ -1,0 +1,33 @@
+"""The student as the training loops see it: one module whose forward goes from token ids to the
+fused ExGRPO loss (or to token log-probs), through the decoder's final hidden states and the LM-head
+weight, never through [B, L, V] logits.
+
+Keeping the loss inside one forward matters under FSDP2: the tied embedding/LM head belongs to the
+root unit, which is unsharded exactly for the duration of the root's forward and backward, so the
+kernel sees the whole weight and its gradient is reduce-scattered like any other.
+"""
+from __future__ import annotations
+
+import torch
+
+from exgrpo.kernels import fused_exgrpo_loss, token_logprobs
+from exgrpo.models import hidden_states, lm_head
+
+
+class Policy(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, targets, *, logprobs_only: bool = False, backend: str = "auto",
+                temperature: float = 1.0, **loss_kwargs):
+        h = hidden_states(self.model, input_ids, attention_mask)        # [b, T, H]
+        W, softcap = lm_head(self.model)                                 # [V, H], tied to the embedding
+        if logprobs_only:
+            return token_logprobs(h, W, targets, temperature=temperature, softcap=softcap, backend=backend)
+        return fused_exgrpo_loss(h, W, targets, temperature=temperature, softcap=softcap, backend=backend,
+                                 **loss_kwargs)
+
+    def decoder_layers(self):
+        causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return list(causal.model.layers)
