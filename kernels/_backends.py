@@ -35,6 +35,11 @@ def _triton_backend() -> Backend:
     return Backend("triton", triton_lmhead.TritonEpilogue(), triton_loss.loss_terms, triton_loss.advantages)
 
 
+def _cuda_backend() -> Backend:
+    from . import cuda_backend
+    return Backend("cuda", cuda_backend.CudaEpilogue(), cuda_backend.loss_terms, cuda_backend.advantages)
+
+
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None if `name` can run on tensors of `device`, else a sentence saying why not."""
     if name == "torch":
@@ -53,8 +58,8 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
                                         "TRITON_INTERPRET=1 before exgrpo.kernels is imported")
         return f"Triton does not run on {device.type} tensors"
     if name == "cuda":
-        return ("the CUDA C++ extension exgrpo._C is not built yet (csrc/ holds no kernels in this version); "
-                "use backend='triton' on GPUs")
+        from . import cuda_backend
+        return cuda_backend.unavailable_reason(device)
     return f"unknown backend {name!r}"
 
 
@@ -74,7 +79,7 @@ def get(name: str, device: torch.device) -> Backend:
         usable = [n for n in NAMES if unavailable_reason(n, device) is None]
         raise RuntimeError(f"backend {name!r} is unavailable: {why}. Available here: {usable}")
     if name not in _CACHE:
-        _CACHE[name] = _torch_backend() if name == "torch" else _triton_backend()
+        _CACHE[name] = {"torch": _torch_backend, "triton": _triton_backend, "cuda": _cuda_backend}[name]()
     return _CACHE[name]
 
 
