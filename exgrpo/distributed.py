@@ -81,6 +81,19 @@ def shard(module: torch.nn.Module, layers, *, mixed_precision: bool) -> torch.nn
     return module
 
 
+def init_root(policy: torch.nn.Module, pad_id: int, device) -> None:
+    """One tiny forward through the Policy, so FSDP2's lazy initialisation sees the Policy as the root.
+    Generation later calls the inner model directly; without this, its first layer would claim to be
+    a root and FSDP refuses ("already been lazily initialized")."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(policy, FSDPModule):
+        return
+    ids = torch.full((1, 2), pad_id, device=device)
+    with torch.no_grad():
+        policy(ids, torch.ones_like(ids), torch.full_like(ids, -100), logprobs_only=True)
+    policy.reshard()            # the root stays unsharded after a forward; the optimizer must see the shards
+
+
 def local_bytes(module: torch.nn.Module) -> int:
     """Bytes of parameters this rank holds (its shards under FSDP2)."""
     total = 0

@@ -103,6 +103,7 @@ def sft(cfg: SFTConfig) -> Path:
     policy = Policy(model)
     if d.on:
         distributed.shard(policy, policy.decoder_layers(), mixed_precision=mixed)
+        distributed.init_root(policy, tok.pad_token_id, dev)
     per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     opt, sched = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,

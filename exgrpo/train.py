@@ -113,6 +113,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
     policy = Policy(model)
     if d.on:
         distributed.shard(policy, policy.decoder_layers(), mixed_precision=mixed)
+        distributed.init_root(policy, tok.pad_token_id, dev)
     # The reference policy is the SFT checkpoint: LoRA -> the same model with adapters off; full
     # fine-tuning -> a frozen copy, sharded like the policy (its log-probs are computed once per batch).
     ref = None
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
         ref.requires_grad_(False)
         if d.on:
             distributed.shard(ref, ref.decoder_layers(), mixed_precision=mixed)
+            distributed.init_root(ref, tok.pad_token_id, dev)
     opt, sched = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                 total_steps=cfg.steps, schedule=cfg.schedule)
     if engine is None and cfg.engine == "vllm":

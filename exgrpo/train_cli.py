@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from exgrpo.configs import add_dataclass_arguments, config_from_args
 from exgrpo.sft import SFTConfig, sft
@@ -26,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FloatingPointError) as e:          # bad input / non-finite stop: a message, not a trace
         print(f"exgrpo {args._command}: {e}")
         return 1
-    print(f"exported: {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"exported: {out}")
     return 0
