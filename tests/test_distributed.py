@@ -127,15 +127,18 @@ def test_per_rank_memory_falls_with_ranks(tiny_student, tmp_path):
         assert 0 < rec["optim_bytes"] < 0.6 * one["optim_bytes"]
 
 
-def test_torchrun_cli_with_real_generation(tiny_student, probe_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_torchrun_cli_with_real_generation(tiny_student, probe_dir, tmp_path, lora):
     """`torchrun -m exgrpo train` with transformers generation on the FSDP2-sharded policy: ranks
-    generate different lengths, so this hangs or fails if the parameters are not gathered up front."""
+    generate different lengths, so this hangs or fails if the parameters are not gathered up front.
+    With LoRA the reference is the same sharded model with its adapters off, and the export merges."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "exgrpo",
            "train", "--model", str(tiny_student), "--probes", str(probe_dir), "--out", str(out), "--steps", "2",
            "--questions-per-step", "2", "--group-size", "2", "--k-probes", "2", "--max-new-tokens", "16",
-           "--device", "cpu", "--no-progress", "--save-every", "1"]
+           "--device", "cpu", "--no-progress", "--save-every", "1"] + (["--lora", "--lora-r", "4", "--lr", "1e-2"]
+                                                                      if lora else [])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("exported:") == 1, "only rank 0 reports"
@@ -143,4 +146,5 @@ def test_torchrun_cli_with_real_generation(tiny_student, probe_dir, tmp_path):
     assert [x["step"] for x in recs] == [1, 2] and all(not x["skipped"] for x in recs)
     assert checkpoint.latest(out).name == "ckpt-000002"
     before, after = weights(tiny_student), weights(out / "export")
+    assert before.keys() == after.keys(), "the export is a plain model (LoRA merged)"
     assert any(not torch.equal(before[k], after[k]) for k in before)
