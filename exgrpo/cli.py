@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("exgrpo.train_cli", "SFT warm-up on the teacher's responses (Stage 2)"),
     "train": ("exgrpo.train_cli", "ExGRPO on multi-turn probe dialogues (Stage 3)"),
     "eval": ("exgrpo.eval_cli", "single-pass greedy accuracy per task and split (the student sees Q alone)"),
+    "demo": ("exgrpo.demo_cli", "the main job: EI -> SFT -> ExGRPO ablation on the embedded default, on a CPU"),
 }
 
 

@@ -1,0 +1,115 @@
+"""`exgrpo demo`: the quick run goes end to end (every arm and split in the table, figure, report,
+numbers from fresh-process evaluations of the arms' exports), --resume skips finished stages, and a
+failing stage is named while the earlier ones stay finished."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exgrpo.demo import ARMS, DemoConfig, collect, render_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "exgrpo", "demo", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def stages(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("demo") / "quick"
+    p = demo("--quick", "--out", run)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return run, p
+
+
+def test_quick_demo_runs_end_to_end(quick_run):
+    run, p = quick_run
+    res = json.loads((run / "results.json").read_text())
+    assert res["arms"] == list(ARMS)
+    assert set(res["splits"]) >= {"test", "ood"}
+    for arm in ARMS:
+        for split in ("test", "ood"):
+            cell = res["table"][arm][split]
+            assert cell["n"] == 1 and 0.0 <= cell["mean"] <= 1.0
+        # The number is the one the fresh-process evaluation of this arm's own export wrote.
+        ev = json.loads((run / "arms" / "seed0" / arm / "eval.json").read_text())
+        assert Path(ev["model"]) == run / "arms" / "seed0" / arm / "export"
+        assert ev["accuracy"]["ood"] == res["table"][arm]["ood"]["mean"]
+    table = (run / "results.md").read_text()
+    assert "held-in test" in table and "OOD" in table and table in p.stdout
+    assert (run / "results.png").stat().st_size > 10_000
+    report = (run / "report.md").read_text()
+    assert "Target" in report and ("**met**" in report or "**not met**" in report)
+    assert all(s["state"] == "finished" for s in stages(run).values())
+    # RL arms start from the EI-SFT export and log reward + DSU firing per step.
+    for arm in ("rl_outcome", "rl_aux", "exgrpo"):
+        cfg = json.loads((run / "arms" / "seed0" / arm / "config.json").read_text())
+        assert cfg["model"] == str(run / "arms" / "seed0" / "sft_ei" / "export")
+        recs = (run / "arms" / "seed0" / arm / "metrics.jsonl").read_text().splitlines()
+        assert "dsu_fire_rate" in json.loads(recs[-1])
+    assert json.loads((run / "arms" / "seed0" / "rl_outcome" / "config.json").read_text())["bonus"] is False
+    assert json.loads((run / "arms" / "seed0" / "rl_outcome" / "config.json").read_text())["aux_coef"] == 0.0
+    assert json.loads((run / "arms" / "seed0" / "exgrpo" / "config.json").read_text())["bonus"] is True
+
+
+def test_resume_skips_finished_stages(quick_run):
+    run, _ = quick_run
+    before = {a: (run / "arms" / "seed0" / a / "metrics.jsonl").stat().st_mtime_ns for a in ARMS}
+    n_log = len((run / "demo.log").read_text().splitlines())
+    p = demo("--quick", "--out", run, "--resume", timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    new = (run / "demo.log").read_text().splitlines()[n_log:]
+    names = list(stages(run))
+    assert sum("finished earlier, skipped" in ln for ln in new) == len(names)
+    assert not any(": running" in ln for ln in new)
+    assert before == {a: (run / "arms" / "seed0" / a / "metrics.jsonl").stat().st_mtime_ns for a in ARMS}
+
+
+def test_a_failing_stage_is_named_and_earlier_stages_are_kept(tmp_path):
+    run = tmp_path / "d"
+    p = demo("--quick", "--out", run, "--stop-after", "data", timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(stages(run)) == ["data"]
+    # Resume without --resume is refused rather than overwriting the run.
+    assert demo("--quick", "--out", run, timeout=60).returncode == 2
+    # So is --resume with other settings.
+    p = demo("--quick", "--out", run, "--resume", "--n-train", "7", timeout=60)
+    assert p.returncode == 2 and "n_train" in p.stderr
+    # A broken input for the next stage.
+    (run / "data" / "train.jsonl").write_text("{not json\n")
+    p = demo("--quick", "--out", run, "--resume", timeout=60)
+    assert p.returncode == 1
+    assert "stage 'probes:filter1' failed" in p.stderr
+    st = stages(run)
+    assert st["data"]["state"] == "finished" and st["probes:filter1"]["state"] == "failed"
+    assert "train.jsonl" in st["probes:filter1"]["error"]
+    assert (run / "data" / "test.jsonl").stat().st_size > 0 and (run / "data" / "ood.jsonl").stat().st_size > 0
+    assert "data: finished earlier, skipped" in (run / "demo.log").read_text()
+
+
+def test_table_aggregates_seeds(tmp_path):
+    """Mean ± sample std over seeds, read from each arm's eval.json."""
+    cfg = DemoConfig(out=str(tmp_path), seeds=2, arms=("sft_vanilla", "sft_ei", "exgrpo"))
+    accs = {"sft_vanilla": (0.2, 0.4), "sft_ei": (0.5, 0.5), "exgrpo": (0.6, 0.8)}
+    for arm, (a0, a1) in accs.items():
+        for s, a in ((0, a0), (1, a1)):
+            d = tmp_path / "arms" / f"seed{s}" / arm
+            d.mkdir(parents=True)
+            rows = [{"split": "test", "accuracy": 0.9}, {"split": "ood", "accuracy": a}]
+            (d / "eval.json").write_text(json.dumps({"results": rows}))
+    (tmp_path / "status.json").write_text(json.dumps({"config": None, "stages": {}}))
+    res = collect(cfg, tmp_path)
+    assert res["table"]["sft_vanilla"]["ood"]["mean"] == pytest.approx(0.3)
+    assert res["table"]["sft_vanilla"]["ood"]["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert res["target"]["met"] is True and res["target"]["exgrpo_ood"] == pytest.approx(0.7)
+    assert "70.0 ± 14.1" in render_table(res)
