@@ -1,8 +1,8 @@
 """exgrpo.kernels: the fused LM-head log-probs, ExGRPO advantages and the clipped policy loss.
 
 Four public functions; tensors in, tensors out. Backends: "torch" (chunked PyTorch, the CPU path),
-"triton" (GPU, or CPU under TRITON_INTERPRET=1), "cuda" (csrc/, not built yet). `reference` holds
-the unchunked float64 spec that tests and benchmarks compare against.
+"triton" (GPU, or CPU under TRITON_INTERPRET=1), "cuda" (csrc/, the optional exgrpo._C extension).
+`reference` holds the unchunked float64 spec that tests and benchmarks compare against.
 
     logp = token_logprobs(hidden, weight, targets)                    # never an [N, V] tensor
     adv, total, fired = exgrpo_advantages(outcome, is_full)           # DSU bonus + group z-scores

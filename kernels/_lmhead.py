@@ -24,6 +24,7 @@ Derivatives (z = cap(x)/T, cap(x) = s·tanh(x/s), p = softmax(z), Ez = Σ p z = 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,6 +44,11 @@ def chunk_budget_bytes(chunk_mb: float | None, device: torch.device) -> int:
     if not chunk_mb > 0:
         raise ValueError(f"chunk budget must be > 0 MB, got {chunk_mb}")
     return int(chunk_mb * 2**20)
+
+
+def _nvtx(name: str, on: bool):
+    """An NVTX range for Nsight (nsys/ncu --nvtx) around a stage of the chunk loop; free on CPU."""
+    return torch.cuda.nvtx.range(f"exgrpo.{name}") if on else contextlib.nullcontext()
 
 
 def _chunks(N: int, V: int, bytes_per_logit: int, budget: int):
@@ -124,28 +130,34 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
     if need_grad:
         dh = torch.empty_like(hidden)
         dW = torch.zeros(V, H, dtype=torch.float32, device=dev)
+    cu = dev.type == "cuda"
     for lo, hi in chunks:
         h = hidden[lo:hi]
         x = buf[: hi - lo]
-        torch.mm(h, weight.T, out=x)                            # [n, V]
+        with _nvtx("logits_gemm", cu):
+            torch.mm(h, weight.T, out=x)                        # [n, V]
         tgt = targets[lo:hi]
         if grad_from is None:
-            epi.stats(x, tgt, lse[lo:hi], zt[lo:hi], None if ent is None else ent[lo:hi], inv_temp, softcap)
+            with _nvtx("epilogue_stats", cu):
+                epi.stats(x, tgt, lse[lo:hi], zt[lo:hi], None if ent is None else ent[lo:hi], inv_temp, softcap)
         if not need_grad:
             continue
         if coef_fn is not None:
-            logp = torch.where(tgt != IGNORE_INDEX, zt[lo:hi] - lse[lo:hi], torch.zeros_like(zt[lo:hi]))
-            g_lp, g_ent, e = coef_fn(logp, lo, hi), None, None
+            with _nvtx("loss_terms", cu):
+                logp = torch.where(tgt != IGNORE_INDEX, zt[lo:hi] - lse[lo:hi], torch.zeros_like(zt[lo:hi]))
+                g_lp, g_ent, e = coef_fn(logp, lo, hi), None, None
         else:
             g_lp = g_lp_all[lo:hi]
             g_ent = None if g_ent_all is None else g_ent_all[lo:hi]
             e = None if ent is None else ent[lo:hi]
-        epi.grad_(x, tgt, lse[lo:hi], e, g_lp, g_ent, inv_temp, softcap)   # x := ∂loss/∂x
-        torch.mm(x, weight, out=dh[lo:hi])                      # [n, H]
-        if dW.dtype == x.dtype:
-            dW.addmm_(x.T, h)
-        else:                                                   # bf16/fp16 GEMM, fp32 accumulation across chunks
-            dW.add_(x.T @ h)
+        with _nvtx("epilogue_grad", cu):
+            epi.grad_(x, tgt, lse[lo:hi], e, g_lp, g_ent, inv_temp, softcap)   # x := ∂loss/∂x
+        with _nvtx("grad_gemms", cu):
+            torch.mm(x, weight, out=dh[lo:hi])                  # [n, H]
+            if dW.dtype == x.dtype:
+                dW.addmm_(x.T, h)
+            else:                                               # bf16/fp16 GEMM, fp32 accumulation across chunks
+                dW.add_(x.T @ h)
     if coef_fn is not None:
         return lse, zt, dh, dW
     if grad_from is not None:
