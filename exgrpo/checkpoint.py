@@ -13,13 +13,16 @@ previous checkpoint or the new one, never a half-written one that `latest` point
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -61,6 +64,14 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group that it assumes one process: it is right."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _hf_model(module):
     """The transformers model inside a Policy wrapper (or the module itself)."""
     return getattr(module, "model", module) if not hasattr(module, "save_pretrained") else module
@@ -78,7 +89,8 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, *, 
         tmp.mkdir(parents=True)
     barrier(d)
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+    with _single_process_quiet():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"), no_dist=not d.on)
     if d.main:
         if not d.on:
             _hf_model(model).save_pretrained(str(tmp / "model"), safe_serialization=True)
@@ -114,7 +126,8 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict:
     checkpoint may come from another world size); returns the trainer state."""
     msd, osd = get_state_dict(model, optimizer)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"))
+    with _single_process_quiet():
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / "dcp"), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     blob = torch.load(Path(ckpt) / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(blob["scheduler"])
