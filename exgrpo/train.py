@@ -153,7 +153,8 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
             seed = cfg.seed * 1_000_003 + step              # per-step seeding: a resumed run replays exactly
             torch.manual_seed(seed + 7 * d.rank)
             qids = range(d.rank * per_rank, (d.rank + 1) * per_rank)    # this rank's questions of the step
-            batch = [_questions(items, step, cfg.questions_per_step, cfg.seed)[i] for i in qids]
+            step_questions = _questions(items, step, cfg.questions_per_step, cfg.seed)
+            batch = [step_questions[i] for i in qids]
 
             # ===================================================================== rollout
             turns, meta = [], []                            # one entry per trajectory
@@ -279,12 +280,13 @@ SUMMED = ("loss", "clip_frac_low", "clip_frac_high", "kl", "ratio", "aux_nll")
 
 def _questions(items, step: int, n: int, seed: int):
     """The step's questions: epochs over a seeded permutation, so the data position is the step."""
-    out = []
+    out, perms = [], {}
     for i in range(step * n, step * n + n):
         epoch, j = divmod(i, len(items))
-        perm = list(range(len(items)))
-        random.Random(seed * 7919 + epoch).shuffle(perm)
-        out.append(items[perm[j]])
+        if epoch not in perms:
+            perms[epoch] = list(range(len(items)))
+            random.Random(seed * 7919 + epoch).shuffle(perms[epoch])
+        out.append(items[perms[epoch][j]])
     return out
 
 
