@@ -169,3 +169,25 @@ def export(model, tokenizer, out_dir: Path, *, d: Dist = SINGLE, base: str | Non
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+# ----------------------------------------------------------------------------- the loops' safety net
+# Shared by sft.py and train.py, so both stop and save the same way.
+
+def note_skipped_step(run_dir: Path, step: int, loss: float, gnorm: float, bad_streak: int, max_bad: int,
+                      d: Dist = SINGLE) -> None:
+    """Report a skipped (non-finite) update; after `max_bad` in a row, stop with the last good checkpoint."""
+    if d.main:
+        print(f"step {step}: non-finite loss ({loss}) or gradient norm ({gnorm}); update skipped")
+    if bad_streak >= max_bad:
+        raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
+                                 f"checkpoint is {latest(run_dir)}")
+
+
+def save_on_interrupt(run_dir: Path, done: int, saved: int, model, optimizer, scheduler, bad_streak: int, *,
+                      keep: int, d: Dist = SINGLE) -> None:
+    """Ctrl-C: checkpoint the steps finished since the last save (single process; under torchrun the
+    agent stops every rank at once, so no collective save is possible)."""
+    if done > saved and not d.on:
+        save(run_dir, done, model, optimizer, scheduler, {"bad_streak": bad_streak}, keep=keep)
+        print(f"interrupted: checkpoint saved at step {done}; continue with --resume")

@@ -154,11 +154,7 @@ def sft(cfg: SFTConfig) -> Path:
                 log.write(rec)
             bar.set_postfix(nll=f"{m['aux_nll']:.3f}", epoch=epoch)
             if skipped:
-                if d.main:
-                    print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
-                                             f"checkpoint is {checkpoint.latest(run)}")
+                checkpoint.note_skipped_step(run, step + 1, m["loss"], gnorm, bad_streak, cfg.max_bad_steps, d)
                 continue
 
             done = step + 1
@@ -168,9 +164,7 @@ def sft(cfg: SFTConfig) -> Path:
                                 keep=cfg.keep_checkpoints, d=d)
                 saved = step + 1
     except KeyboardInterrupt:                               # nothing finished is lost on Ctrl-C
-        if done > saved and not d.on:                       # (under torchrun, the agent stops every rank)
-            checkpoint.save(run, done, policy, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
-            print(f"interrupted: checkpoint saved at step {done}; continue with --resume")
+        checkpoint.save_on_interrupt(run, done, saved, policy, opt, sched, bad_streak, keep=cfg.keep_checkpoints, d=d)
         raise
 
     export = checkpoint.export(policy, tok, run / "export", d=d, base=cfg.model,

@@ -247,11 +247,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
             bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['acc']:.2f}", kl=f"{m['kl']:.3f}",
                             clip=f"{m['clip_frac_low'] + m['clip_frac_high']:.2f}", dsu=f"{rec['dsu_fire_rate']:.2f}")
             if skipped:
-                if d.main:
-                    print(f"step {step + 1}: non-finite loss ({m['loss']}) or gradient norm ({gnorm}); update skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    raise FloatingPointError(f"{bad_streak} non-finite steps in a row; stopping. The last good "
-                                             f"checkpoint is {checkpoint.latest(run)}")
+                checkpoint.note_skipped_step(run, step + 1, m["loss"], gnorm, bad_streak, cfg.max_bad_steps, d)
                 continue
 
             done = step + 1
@@ -261,9 +257,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
                                 keep=cfg.keep_checkpoints, d=d)
                 saved = step + 1
     except KeyboardInterrupt:                               # nothing finished is lost on Ctrl-C
-        if done > saved and not d.on:                       # (under torchrun, the agent stops every rank)
-            checkpoint.save(run, done, policy, opt, sched, {"bad_streak": bad_streak}, keep=cfg.keep_checkpoints)
-            print(f"interrupted: checkpoint saved at step {done}; continue with --resume")
+        checkpoint.save_on_interrupt(run, done, saved, policy, opt, sched, bad_streak, keep=cfg.keep_checkpoints, d=d)
         raise
 
     export = checkpoint.export(policy, tok, run / "export", d=d, base=cfg.model,
