@@ -29,7 +29,7 @@ class MicroBatch:
     index: list[int]                    # which sequences
     input_ids: torch.Tensor             # [b, T]
     attention: torch.Tensor             # [b, T]
-    targets: torch.Tensor               # [b, T] next token, IGNORE_INDEX where nothing is trained/defined
+    targets: torch.Tensor               # [b, T] next token where trained (mask | sft_mask), else IGNORE_INDEX
     mask: torch.Tensor                  # [b, T] bool, policy targets
     sft_mask: torch.Tensor              # [b, T] bool, teacher-forced targets
 
@@ -60,9 +60,11 @@ def micro_batches(seqs: list[Sequence], token_budget: int, pad_id: int, device) 
             n = len(s.ids)
             ids[r, :n] = torch.tensor(s.ids)
             att[r, :n] = 1
-            tgt[r, : n - 1] = ids[r, 1:n]               # position t predicts token t+1
             mask[r, : n - 1] = torch.tensor(s.policy[1:], dtype=torch.bool)
             sft[r, : n - 1] = torch.tensor(s.sft[1:], dtype=torch.bool)
+            # position t predicts token t+1; only trained positions get a target, so prompt tokens
+            # and untrained turns never go through the LM head (their log-probs would be unused)
+            tgt[r, : n - 1] = torch.where(mask[r, : n - 1] | sft[r, : n - 1], ids[r, 1:n], IGNORE_INDEX)
         out.append(MicroBatch(g, ids.to(device), att.to(device), tgt.to(device), mask.to(device), sft.to(device)))
     return out
 
@@ -89,8 +91,8 @@ def _per_token(mb: MicroBatch, seqs: list[Sequence], field: str) -> torch.Tensor
 @torch.no_grad()
 def sequence_logprobs(policy, mbs: list[MicroBatch], seqs: list[Sequence], *, backend="auto",
                       temperature=1.0) -> list[torch.Tensor]:
-    """Per-sequence log-probs of targets 1..L-1 ([L-1] fp32 each), micro-batch by micro-batch.
-    `policy` is an exgrpo.policy.Policy (possibly FSDP-sharded)."""
+    """Per-sequence log-probs of targets 1..L-1 ([L-1] fp32 each; 0 at untrained positions),
+    micro-batch by micro-batch. `policy` is an exgrpo.policy.Policy (possibly FSDP-sharded)."""
     out: list[torch.Tensor | None] = [None] * len(seqs)
     for mb in mbs:
         lp = policy(mb.input_ids, mb.attention, mb.targets, logprobs_only=True, backend=backend,

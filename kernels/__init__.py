@@ -33,12 +33,26 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, re
     _checks.check_lm_head(hidden, weight, targets, temperature=temperature, softcap=softcap)
     be = _backends.get(backend, hidden.device)
     lead, H = hidden.shape[:-1], hidden.shape[-1]
+    flat_h, flat_t = hidden.reshape(-1, H), targets.reshape(-1)
+    rows = _live_rows(flat_t != IGNORE_INDEX)
+    if rows is not None:                                        # ignored rows never reach the LM head
+        flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
     out = _lmhead.TokenLogprobs.apply(
-        hidden.reshape(-1, H).contiguous(), weight.contiguous(), targets.reshape(-1).contiguous(), be,
+        flat_h.contiguous(), weight.contiguous(), flat_t.contiguous(), be,
         1.0 / temperature, softcap, _lmhead.chunk_budget_bytes(chunk_mb, hidden.device), return_entropy)
-    if return_entropy:
-        return out[0].reshape(lead), out[1].reshape(lead)
-    return out.reshape(lead)
+    outs = out if return_entropy else (out,)
+    if rows is not None:                                        # 0 at the ignored positions, as documented
+        outs = tuple(o.new_zeros(targets.numel()).index_copy(0, rows, o) for o in outs)
+    outs = tuple(o.reshape(lead) for o in outs)
+    return outs if return_entropy else outs[0]
+
+
+def _live_rows(live: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows whose log-prob is needed, or None when that is every row. Prompt tokens,
+    padding and untrained turns skip the LM head's GEMMs entirely (one host sync)."""
+    if bool(live.all()):
+        return None
+    return live.nonzero().squeeze(1)
 
 
 def exgrpo_advantages(outcome, is_full, *, delta=0.5, nu=1.0, eps=1e-6, scale="group", group_by="question",
@@ -136,7 +150,11 @@ def fused_exgrpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=Non
     if bool((used & (targets == IGNORE_INDEX)).any()):
         raise ValueError("mask/sft_mask select positions whose target is -100 (ignored): they have no log-prob")
     be = _backends.get(backend, hidden.device)
-    args = (hidden.reshape(-1, H).contiguous(), weight.contiguous(), targets.reshape(-1).contiguous())
+    flat_h, flat_t = hidden.reshape(-1, H), targets.reshape(-1)
+    rows = _live_rows(used.reshape(-1))
+    if rows is not None:                                        # only trained tokens go through the LM head
+        flat_h, flat_t, terms = flat_h.index_select(0, rows), flat_t.index_select(0, rows), terms.take(rows)
+    args = (flat_h.contiguous(), weight.contiguous(), flat_t.contiguous())
     budget = _lmhead.chunk_budget_bytes(chunk_mb, hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         sums = _lmhead.FusedLoss.apply(*args, terms, spec, be, 1.0 / temperature, softcap, budget)

@@ -109,11 +109,13 @@ class TorchEpilogue:
 # ----------------------------------------------------------------------------- the chunk loops
 
 def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entropy=False,
-           grad_from=None, coef_fn=None, stats=None):
+           grad_from=None, coef_fn=None, need_dh=True, need_dW=True):
     """One pass over the chunks. Modes:
       stats only                      (grad_from=None, coef_fn=None): returns lse, zt, ent
       backward from upstream grads    (grad_from=(lse, ent, g_lp, g_ent)): returns dh, dW
       fused forward + gradient        (coef_fn=f(logp_chunk, lo, hi) -> coef_chunk): returns lse, zt, dh, dW
+    need_dh / need_dW = False skip that gradient GEMM (returned as None): a frozen LM head (LoRA) saves
+    2·N·H·V FLOPs and the fp32 [V, H] accumulator.
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -127,9 +129,8 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
         ent = torch.empty(N, dtype=torch.float32, device=dev) if want_entropy else None
     else:
         lse, ent, g_lp_all, g_ent_all = grad_from
-    if need_grad:
-        dh = torch.empty_like(hidden)
-        dW = torch.zeros(V, H, dtype=torch.float32, device=dev)
+    dh = torch.empty_like(hidden) if need_grad and need_dh else None
+    dW = torch.zeros(V, H, dtype=torch.float32, device=dev) if need_grad and need_dW else None
     cu = dev.type == "cuda"
     for lo, hi in chunks:
         h = hidden[lo:hi]
@@ -153,8 +154,11 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
         with _nvtx("epilogue_grad", cu):
             epi.grad_(x, tgt, lse[lo:hi], e, g_lp, g_ent, inv_temp, softcap)   # x := ∂loss/∂x
         with _nvtx("grad_gemms", cu):
-            torch.mm(x, weight, out=dh[lo:hi])                  # [n, H]
-            if dW.dtype == x.dtype:
+            if dh is not None:
+                torch.mm(x, weight, out=dh[lo:hi])              # [n, H]
+            if dW is None:
+                pass
+            elif dW.dtype == x.dtype:
                 dW.addmm_(x.T, h)
             else:                                               # bf16/fp16 GEMM, fp32 accumulation across chunks
                 dW.add_(x.T @ h)
@@ -187,9 +191,9 @@ class TokenLogprobs(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if (g_ent is None or ent is None) else g_ent.float().contiguous()
         dh, dW = _sweep(hidden, weight, targets, backend.epilogue, inv_temp=inv_temp, softcap=softcap,
-                        budget=budget, grad_from=(lse, ent, g_lp, g_ent))
-        return (dh if ctx.needs_input_grad[0] else None, dW.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-                None, None, None, None, None, None)
+                        budget=budget, grad_from=(lse, ent, g_lp, g_ent), need_dh=ctx.needs_input_grad[0],
+                        need_dW=ctx.needs_input_grad[1])
+        return dh, None if dW is None else dW.to(weight.dtype), None, None, None, None, None, None
 
 
 class PolicyLoss(torch.autograd.Function):
@@ -224,7 +228,8 @@ class FusedLoss(torch.autograd.Function):
             return coef
 
         lse, zt, dh, dW = _sweep(hidden, weight, targets, backend.epilogue, inv_temp=inv_temp, softcap=softcap,
-                                 budget=budget, coef_fn=coef_fn)
+                                 budget=budget, coef_fn=coef_fn, need_dh=ctx.needs_input_grad[0],
+                                 need_dW=ctx.needs_input_grad[1])
         check_finite_outputs(lse, targets != IGNORE_INDEX, hidden, weight)
         ctx.save_for_backward(dh, dW)
         ctx.w_dtype = weight.dtype
@@ -234,8 +239,8 @@ class FusedLoss(torch.autograd.Function):
     def backward(ctx, g_sums):
         dh, dW = ctx.saved_tensors
         g = g_sums[0]
-        dh = dh * g.to(dh.dtype) if ctx.needs_input_grad[0] else None
-        dW = (dW * g).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        dh = None if dh is None else dh * g.to(dh.dtype)
+        dW = None if dW is None else (dW * g).to(ctx.w_dtype)
         return dh, dW, None, None, None, None, None, None, None
 
 

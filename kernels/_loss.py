@@ -47,6 +47,11 @@ class TokenTerms(NamedTuple):
         cut = lambda t: t[lo:hi] if (isinstance(t, torch.Tensor) and t.dim() == 1) else t
         return TokenTerms(*(cut(t) for t in self))
 
+    def take(self, index: torch.Tensor) -> TokenTerms:
+        """The terms of the tokens `index` only (the totals n_tokens / n_sft stay the whole batch's)."""
+        pick = lambda t: t.index_select(0, index) if (isinstance(t, torch.Tensor) and t.dim() == 1) else t
+        return TokenTerms(*(pick(t) for t in self))
+
 
 def prepare_terms(mask, advantages, old_logp, ref_logp, weights, sft_mask, spec: LossSpec) -> TokenTerms:
     B, L = mask.shape

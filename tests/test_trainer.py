@@ -273,3 +273,28 @@ def test_cli_sft_then_train(tiny_student, probe_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "exgrpo", "train", "--config", str(cfg), "--stepz", "3"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0 and "stepz" in r.stderr
+
+
+def test_micro_batches_give_targets_only_where_trained():
+    from exgrpo.kernels import IGNORE_INDEX
+
+    from exgrpo.batching import Sequence, micro_batches
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for n in (9, 14, 5):
+        ids = torch.randint(3, 50, (n,), generator=g).tolist()
+        pol = (torch.rand(n, generator=g) < 0.4).tolist()
+        sft = [(not p) and bool(r < 0.3) for p, r in zip(pol, torch.rand(n, generator=g).tolist())]
+        seqs.append(Sequence(ids, pol, sft))
+    mbs = micro_batches(seqs, 28, 0, "cpu")
+    assert sorted(i for mb in mbs for i in mb.index) == [0, 1, 2] and len(mbs) > 1
+    for mb in mbs:
+        for r, i in enumerate(mb.index):
+            s, n = seqs[i], len(seqs[i].ids)
+            trained = torch.tensor(s.policy[1:]) | torch.tensor(s.sft[1:])
+            want = torch.where(trained, torch.tensor(s.ids[1:]), IGNORE_INDEX)
+            assert torch.equal(mb.targets[r, : n - 1], want)
+            assert (mb.targets[r, n - 1:] == IGNORE_INDEX).all() and not mb.mask[r, n - 1:].any()
+            assert torch.equal(mb.mask[r, : n - 1], torch.tensor(s.policy[1:]))
+            assert torch.equal(mb.sft_mask[r, : n - 1], torch.tensor(s.sft[1:]))
+            assert (mb.attention[r, :n] == 1).all() and (mb.attention[r, n:] == 0).all()
