@@ -163,8 +163,10 @@ def build_tiny_student(out_dir: str | Path, corpus: list[str], *, size: str = "t
 
 
 def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
-                 dtype: str = "auto", device: str = "auto", gradient_checkpointing: bool = False):
-    """Load the student for training: (model, tokenizer, device). bf16 on CUDA and fp32 on CPU by default."""
+                 dtype: str = "auto", device: str = "auto", gradient_checkpointing: bool = False, seed: int = 0):
+    """Load the student for training: (model, tokenizer, device). bf16 on CUDA and fp32 on CPU by default.
+    LoRA adapters are initialised from `seed`: a run is reproducible, and every rank of a sharded run
+    starts from the same adapter."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
           "fp32": torch.float32}[dtype]
@@ -173,6 +175,7 @@ def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16,
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:
+        torch.manual_seed(seed)
         model = add_lora(model, r=lora_r, alpha=lora_alpha)
     model.train()
     return model, tok, dev

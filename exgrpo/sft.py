@@ -43,6 +43,7 @@ class SFTConfig:
     warmup_steps: int = 10
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float = 1.0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"   # adamw8bit: torchao's 8-bit moments (full FT memory)
     # run
     seed: int = 0
     save_every: int = 100
@@ -94,7 +95,7 @@ def sft(cfg: SFTConfig) -> Path:
     mixed = d.on and dev.type == "cuda" and cfg.dtype != "fp32"   # FSDP2: fp32 master, bf16 compute
     model, tok, dev = init_student(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                    dtype="fp32" if mixed else cfg.dtype, device=str(dev),
-                                   gradient_checkpointing=cfg.gradient_checkpointing)
+                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
     seqs = sft_sequences(items, tok, cfg)
     ctx = context_length(model)
     longest = max(len(s.ids) for s in seqs)
@@ -107,7 +108,7 @@ def sft(cfg: SFTConfig) -> Path:
     per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     total = max(1, math.ceil(cfg.epochs * per_epoch))
     opt, sched = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                total_steps=total, schedule=cfg.schedule)
+                                total_steps=total, schedule=cfg.schedule, optimizer=cfg.optimizer)
     start, bad_streak = 0, 0
     last = checkpoint.latest(run) if cfg.resume else None
     if last is not None:
@@ -149,7 +150,8 @@ def sft(cfg: SFTConfig) -> Path:
                 bad_streak = 0
             sched.step()
             rec = {"step": step + 1, "epoch": epoch, "nll": m["aux_nll"], "n_tokens": m["n_sft_tokens"],
-                   "grad_norm": gnorm, "lr": sched.get_last_lr()[0], "skipped": skipped, "seconds": time.time() - t0}
+                   "grad_norm": gnorm, "lr": float(sched.get_last_lr()[0]), "skipped": skipped,
+                   "seconds": time.time() - t0}
             if d.main:
                 log.write(rec)
             bar.set_postfix(nll=f"{m['aux_nll']:.3f}", epoch=epoch)

@@ -60,6 +60,7 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: Literal["cosine", "constant"] = "constant"
     grad_clip: float = 1.0
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"   # adamw8bit: torchao's 8-bit moments (full FT memory)
     # run
     seed: int = 0
     save_every: int = 25
@@ -107,7 +108,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
     mixed = d.on and dev.type == "cuda" and cfg.dtype != "fp32"   # FSDP2: fp32 master, bf16 compute
     model, tok, dev = init_student(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                    dtype="fp32" if mixed else cfg.dtype, device=str(dev),
-                                   gradient_checkpointing=cfg.gradient_checkpointing)
+                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
     ctx = context_length(model)
     _check_lengths(items, tok, cfg, ctx)
     policy = Policy(model)
@@ -124,7 +125,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
             distributed.shard(ref, ref.decoder_layers(), mixed_precision=mixed)
             distributed.init_root(ref, tok.pad_token_id, dev)
     opt, sched = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
-                                total_steps=cfg.steps, schedule=cfg.schedule)
+                                total_steps=cfg.steps, schedule=cfg.schedule, optimizer=cfg.optimizer)
     if engine is None and cfg.engine == "vllm":
         engine = VLLMEngine(cfg.model, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed + d.rank)
@@ -240,7 +241,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
                  float(outcome[:, cfg.group_size:].sum()), float(fired.sum())], d, dev)
             rec = {"step": step + 1, "reward": s_tot / (n_q * G2), "acc": s_out / (n_q * G2),
                    "acc_full": s_full / (n_q * cfg.group_size), "acc_partial": s_part / (n_q * cfg.group_size),
-                   "dsu_fire_rate": n_fired / n_q, **m, "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
+                   "dsu_fire_rate": n_fired / n_q, **m, "grad_norm": gnorm, "lr": float(sched.get_last_lr()[0]),
                    "skipped": skipped, "seconds": time.time() - t0}
             if d.main:
                 log.write(rec)

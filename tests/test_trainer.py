@@ -298,3 +298,20 @@ def test_micro_batches_give_targets_only_where_trained():
             assert torch.equal(mb.mask[r, : n - 1], torch.tensor(s.policy[1:]))
             assert torch.equal(mb.sft_mask[r, : n - 1], torch.tensor(s.sft[1:]))
             assert (mb.attention[r, :n] == 1).all() and (mb.attention[r, n:] == 0).all()
+
+
+def test_adamw8bit_trains_checkpoints_and_resumes(tiny_student, probe_dir, tmp_path):
+    """The memory-lean optimizer (torchao's 8-bit AdamW): its quantised moments survive a
+    checkpoint, so a resumed run ends where the uninterrupted one does."""
+    pytest.importorskip("torchao.optim")
+    from exgrpo.checkpoint import latest
+    kw = dict(steps=2, optimizer="adamw8bit", lora=True, lora_r=4, save_every=1)
+    full = train(small_train(tiny_student, probe_dir, tmp_path / "a", **kw))
+    train(small_train(tiny_student, probe_dir, tmp_path / "b", **{**kw, "steps": 1}))
+    resumed = train(small_train(tiny_student, probe_dir, tmp_path / "b", **kw, resume=True))
+    assert latest(tmp_path / "b").name.endswith("2")
+    wa, wb, w0 = weights(full), weights(resumed), weights(tiny_student)
+    assert wa.keys() == wb.keys()
+    assert any(not torch.equal(wa[k], w0[k]) for k in wa), "the 8-bit optimizer must move the weights"
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
