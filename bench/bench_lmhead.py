@@ -2,7 +2,9 @@
 
     python bench/bench_lmhead.py                         # Gemma-7B LM head: N=16384, H=3072, V=256000, bf16
     python bench/bench_lmhead.py --n 2048 8192 --op loss --providers triton liger
-    python bench/bench_lmhead.py --tiny                  # CPU smoke run (what the tests execute)
+    python bench/bench_lmhead.py --sweep                 # N = 2048, 8192, 16384, 32768 at that H, V; writes a plot
+    python bench/bench_lmhead.py --tiny [--sweep]        # CPU smoke run (what the tests execute)
+    python bench/plots.py bench/results/lmhead-....json  # re-plot a saved record
 
 Providers:
     eager   the float64 spec's formulas run in the input dtype: materialised [N, V] logits (reference.py)
@@ -13,11 +15,16 @@ Providers:
 
 Reported per provider: median and p10/p90 time, peak CUDA memory above the inputs, and useful TFLOP/s
 (2·N·H·V forward, 6·N·H·V forward+backward) next to the bf16 GEMM rate measured in the same run at the
-same shape. A provider that fails (OOM, missing) is recorded with its error, not dropped.
+same shape. CUDA peak memory is also reported as the peak the caching allocator reserved during the call
+(inputs included, cache emptied first). A provider that fails (OOM, missing) is recorded with its error, not
+dropped, and the run goes on; an N whose inputs do not fit records every provider with that error.
+
+With more than one N (e.g. --sweep) time and memory against N are plotted next to the JSON (bench/plots.py).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -26,11 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 OPS = ("logprobs", "loss")
 PROVIDERS = ("eager", "torch", "triton", "cuda", "liger")
+SWEEP_N = [2048, 8192, 16384, 32768]
+TINY_N, TINY_SWEEP_N = [96], [48, 96, 192]
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", default=[16384], help="token counts N")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="token counts N (default 16384)")
+    p.add_argument("--sweep", action="store_true", help=f"N = {SWEEP_N} (with --tiny: {TINY_SWEEP_N})")
     p.add_argument("--h", type=int, default=3072)
     p.add_argument("--v", type=int, default=256000)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -40,12 +50,20 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=1024, help="L for the loss's [B, L] layout (B = N / L)")
-    p.add_argument("--tiny", action="store_true", help="CPU smoke shapes: N=96, H=32, V=1000, 1 rep")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke shapes: N=96, H=32, V=1000, fp32, 1 rep")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
+                   help="write time/memory vs N next to the JSON (default: when more than one N is run)")
     a = p.parse_args(argv)
+    if a.sweep and a.n:
+        p.error("--sweep sets N itself; give --n or --sweep, not both")
+    a.n = a.n or (SWEEP_N if a.sweep else [16384])
     if a.tiny:
-        a.n, a.h, a.v, a.warmup, a.reps, a.seq_len, a.device = [96], 32, 1000, 0, 1, 24, a.device or "cpu"
+        a.n = TINY_SWEEP_N if a.sweep else TINY_N
+        a.h, a.v, a.warmup, a.reps, a.seq_len, a.device = 32, 1000, 0, 1, 24, a.device or "cpu"
         a.dtype = "fp32"
+    if a.plot is None:
+        a.plot = len(a.n) > 1
     return a
 
 
@@ -103,6 +121,19 @@ def step_fn(provider, op, x, beta=0.04):
     return run
 
 
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def _free(device):
+    """Give back what a failed or finished provider left in the CUDA cache (called outside the except block, so
+    the traceback's frames, which hold its tensors, are already gone)."""
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     a = parse(argv)
     import torch
@@ -118,14 +149,20 @@ def main(argv=None):
     record = {"bench": "lmhead", "machine": common.machine(), "args": vars(a), "results": []}
     avail = K.available(device)
     for N in a.n:
-        x = make_inputs(N, a.h, a.v, min(a.seq_len, N), dtype, device)
-        N = x["N"]
-        mm = common.matmul_tflops(N, a.h, a.v, dtype, device, warmup=a.warmup, reps=max(3, a.reps))
+        x, mm, setup_error = None, None, None
+        try:
+            x = make_inputs(N, a.h, a.v, min(a.seq_len, N), dtype, device)
+            N = x["N"]
+            mm = common.matmul_tflops(N, a.h, a.v, dtype, device, warmup=a.warmup, reps=max(3, a.reps))
+        except Exception as e:                                  # inputs or the GEMM do not fit: every row says so
+            setup_error = f"inputs: {_error(e)}"
         for op in ops:
             for prov in a.providers:
                 row = {"op": op, "provider": prov, "N": N, "H": a.h, "V": a.v, "dtype": a.dtype,
-                       "matmul_tflops": mm, "error": None}
+                       "matmul_tflops": mm, "error": setup_error}
                 record["results"].append(row)
+                if setup_error:
+                    continue
                 if prov in avail and avail[prov] is not None:
                     row["error"] = f"unavailable: {avail[prov]}"
                     continue
@@ -135,23 +172,34 @@ def main(argv=None):
                         row["error"] = "not applicable"
                         continue
                     row.update(common.time_fn(fn, device, warmup=a.warmup, reps=a.reps))
-                    row["peak_extra_mb"] = common.peak_extra_mb(fn, device)
-                except Exception as e:                          # an OOM or a peer's failure is a result
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
                     if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                        torch.cuda.empty_cache()                # so the reserved peak is this call's, not a cache
+                    row["peak_extra_mb"] = common.peak_extra_mb(fn, device)
+                    row["peak_reserved_mb"] = (torch.cuda.max_memory_reserved() / 2**20
+                                               if device.type == "cuda" else None)
+                except Exception as e:                          # an OOM or a peer's failure is a result
+                    row["error"] = _error(e)
+                if row["error"]:
+                    _free(device)                               # an OOM at large N must not sink the next provider
                     continue
                 flops = 6 * N * a.h * a.v                       # forward + backward, useful
                 row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12
                 row["frac_of_matmul"] = row["tflops"] / mm
         del x
-    print(common.table(record["results"], [
+        _free(device)                                           # before the next N's inputs
+    order = lambda r: (OPS.index(r["op"]), PROVIDERS.index(r["provider"]), r["N"])
+    print(common.table(sorted(record["results"], key=order), [
         ("op", "op", ""), ("provider", "provider", ""), ("N", "N", "d"), ("median ms", "median_ms", ".2f"),
         ("p10", "p10_ms", ".2f"), ("p90", "p90_ms", ".2f"), ("peak extra MB", "peak_extra_mb", ".0f"),
-        ("useful TFLOP/s", "tflops", ".3g"), ("of matmul", "frac_of_matmul", ".0%"), ("error", "error", "")]))
+        ("peak reserved MB", "peak_reserved_mb", ".0f"), ("useful TFLOP/s", "tflops", ".3g"),
+        ("of matmul", "frac_of_matmul", ".0%"), ("error", "error", "")]))
     path = common.write("lmhead", record, a.out)
-    print(f"\nmatmul rate measured at each N: {sorted({r['matmul_tflops'] for r in record['results']})} TFLOP/s")
+    rates = {r["N"]: r["matmul_tflops"] for r in record["results"] if r["matmul_tflops"] is not None}
+    print("\nmatmul rate measured at each N (TFLOP/s): " + ", ".join(f"{n}: {v:.3g}" for n, v in rates.items()))
     print(f"wrote {path}")
+    if a.plot:
+        from bench.plots import plot_sweep
+        print(f"wrote {plot_sweep(record, path.with_suffix('.png'))}")
     return record
 
 
