@@ -29,34 +29,40 @@ class HFEngine:
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.max_context = max_context
 
-    @torch.no_grad()
     def generate(self, conversations: list[list[dict]]) -> list[str]:
-        out: list[str] = []
+        ids = self.generate_ids([prompt_ids(self.tok, c) for c in conversations])
+        return [self.tok.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: list[list[int]], *, min_new_tokens: int | None = None) -> list[list[int]]:
+        """Sampled completion ids per prompt, cut at the end-of-turn token. min_new_tokens =
+        max_new_tokens fixes every completion's length (benchmarks: the same work on every run)."""
+        out: list[list[int]] = []
         was_training = self.model.training
         self.model.eval()
         dev = next(self.model.parameters()).device
         pad = self.tok.pad_token_id
         try:
-            for i in range(0, len(conversations), self.batch_size):
-                prompts = [prompt_ids(self.tok, c) for c in conversations[i:i + self.batch_size]]
-                longest = max(map(len, prompts))
+            for i in range(0, len(prompts), self.batch_size):
+                batch = prompts[i:i + self.batch_size]
+                longest = max(map(len, batch))
                 if self.max_context is not None and longest + self.max_new_tokens > self.max_context:
                     raise ValueError(f"a dialogue prompt of {longest} tokens + {self.max_new_tokens} new tokens "
                                      f"exceeds the model's context of {self.max_context}")
-                ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+                ids = torch.full((len(batch), longest), pad, dtype=torch.long)
                 att = torch.zeros_like(ids)
-                for j, p in enumerate(prompts):              # left padding: every prompt ends at the same column
+                for j, p in enumerate(batch):                # left padding: every prompt ends at the same column
                     ids[j, longest - len(p):] = torch.tensor(p)
                     att[j, longest - len(p):] = 1
                 sample = self.temperature > 0
                 gen = self.model.generate(
                     input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=self.max_new_tokens,
-                    do_sample=sample, temperature=self.temperature if sample else None, top_p=None, top_k=None,
-                    eos_token_id=self.tok.eos_token_id, pad_token_id=pad, use_cache=True)
+                    min_new_tokens=min_new_tokens, do_sample=sample, temperature=self.temperature if sample else None,
+                    top_p=None, top_k=None, eos_token_id=self.tok.eos_token_id, pad_token_id=pad, use_cache=True)
                 for row in gen[:, longest:].tolist():
                     if self.tok.eos_token_id in row:
                         row = row[:row.index(self.tok.eos_token_id)]
-                    out.append(self.tok.decode(row, skip_special_tokens=True).strip())
+                    out.append(row)
         finally:
             self.model.train(was_training)
         return out

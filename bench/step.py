@@ -1,0 +1,553 @@
+"""One full ExGRPO step at Gemma-7B shape, phase by phase, side by side with its peers.
+
+    python bench/step.py                                   # GPU: every case below, Gemma-7B shape
+    python bench/step.py --cases exgrpo:lora trl-liger:lora --steps 3
+    python bench/step.py --tiny                            # CPU smoke run (what the tests execute)
+
+The model is GemmaForCausalLM built from the Gemma-7B config (hidden 3072, 28 layers, 16 heads of 256,
+intermediate 24576, vocab 256000, tied embedding) with random bf16 weights, saved once to --model-dir
+with a word-level tokenizer ("w17 w4 ..." is exactly the ids 17, 4, ...), so every case loads the
+same weights and sees the same prompts. Per question: G Scenario A trajectories on a prompt of
+--prompt-len tokens and G Scenario B trajectories on --partial-len tokens (fewer probes in context),
+each completing exactly --completion tokens (min = max new tokens), rewards drawn at random.
+
+Cases (each in a fresh process, so one case's memory cannot leak into the next):
+    exgrpo:lora | exgrpo:full   exgrpo's trainer pieces: HF generate (the trainer's HFEngine), old and
+                                reference log-probs (adapters off / a frozen copy), the fused loss
+                                forward+backward over token-budgeted micro-batches, the optimizer
+                                step (full: torchao 8-bit AdamW). With --eager-loss, the same loss
+                                phase again in plain PyTorch with materialised [b, T, V] logits.
+    trl:MODE | trl-liger:MODE   TRL's GRPOTrainer on the same model, prompts, G, lengths, β, LoRA
+                                and optimizer, generating through transformers; with and without
+                                use_liger_kernel. Phases are cut at its generate and score methods.
+
+Per phase: median wall time over --steps steps after --warmup, tokens/s, peak allocated and reserved
+CUDA memory; for the update phase also the useful model TFLOP/s against the bf16 matmul rate
+measured in the same run. A case that fails (OOM, missing package, API change) is recorded with its
+error. JSON goes to bench/results/, a table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GEMMA_7B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
+                head_dim=256, intermediate_size=24576, vocab_size=256000)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+            intermediate_size=256, vocab_size=1000)
+CASES = ("exgrpo:lora", "exgrpo:full", "trl:lora", "trl-liger:lora", "trl:full", "trl-liger:full")
+SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")                 # ids 0-3; every other id is the word w<id>
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PHASES = ("rollout", "logprobs", "loss", "optimizer", "update", "loss_eager")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    p.add_argument("--questions", type=int, default=1, help="questions per step (each: G of A + G of B)")
+    p.add_argument("--group", type=int, default=8, help="G trajectories per scenario")
+    p.add_argument("--prompt-len", type=int, default=1536, help="Scenario A prompt tokens (all k probes)")
+    p.add_argument("--partial-len", type=int, default=1280, help="Scenario B prompt tokens (k' < k probes)")
+    p.add_argument("--completion", type=int, default=256, help="new tokens per trajectory (fixed)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--full-optimizer", default="adamw8bit", choices=["adamw", "adamw8bit"])
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="gradient checkpointing off")
+    p.add_argument("--eager-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the loss phase with materialised logits (exgrpo cases)")
+    p.add_argument("--backend", default="auto", help="exgrpo kernel backend")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
+    p.add_argument("--model-dir", default=None,
+                   help="where the random model is saved and reused (default: a temp dir, removed at the end)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke shapes: 2-layer model, V=1000, 1 step")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--case-json", default=None, help=argparse.SUPPRESS)   # internal: run one case, write here
+    a = p.parse_args(argv)
+    a.shape = dict(TINY if a.tiny else GEMMA_7B)
+    if a.tiny:
+        a.prompt_len, a.partial_len, a.completion, a.group, a.micro_batch_tokens = 40, 28, 6, 2, 64
+        a.warmup, a.steps, a.lora_r, a.lr = 0, 2, 4, 1e-3      # step 2: policy != reference, so KL counts
+        a.device = a.device or "cpu"
+    for name in ("questions", "group", "prompt_len", "partial_len", "completion", "steps", "micro_batch_tokens"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    return a
+
+
+# ============================================================================= the shared setup
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over V ids: text "w17 w4" <-> ids [17, 4], with no special tokens added,
+    so a prompt's length in tokens is exactly what the benchmark asks for, in every trainer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from exgrpo.models import CHAT_TEMPLATE
+    words = {t: i for i, t in enumerate(SPECIAL)} | {f"w{i}": i for i in range(len(SPECIAL), vocab)}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE                       # the loaders require one; prompts here are ids
+    return tok
+
+
+def prepare_model_dir(a) -> Path:
+    """Random Gemma weights at the benchmark's shape, saved once (bf16 on GPU, fp32 on CPU)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    out = Path(a.model_dir)
+    stamp = out / "bench_shape.json"
+    dtype = "bfloat16" if a.device_type == "cuda" else "float32"
+    want = {**a.shape, "dtype": dtype}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return out
+    cfg = GemmaConfig(**a.shape, max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=2)
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(a.device_type):
+            model = GemmaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(out)
+    build_tokenizer(a.shape["vocab_size"]).save_pretrained(out)
+    stamp.write_text(json.dumps(want))
+    del model
+    return out
+
+
+def prompts(a, step: int) -> list[list[int]]:
+    """The step's prompts, question by question: A then B. Random ids, seeded by the step."""
+    g = torch.Generator().manual_seed(1000 + step)
+    V = a.shape["vocab_size"]
+    out = []
+    for _ in range(a.questions):
+        for n in (a.prompt_len, a.partial_len):
+            out.append(torch.randint(len(SPECIAL), V, (n,), generator=g).tolist())
+    return out
+
+
+def outcomes(a, step: int):
+    """Random 0/1 rewards [Q, 2G] (A's G, then B's G): the model is random, so is its accuracy."""
+    g = torch.Generator().manual_seed(2000 + step)
+    return (torch.rand(a.questions, 2 * a.group, generator=g) < 0.4).float()
+
+
+class Meter:
+    """Consecutive phases of one step: mark(name) ends the current phase and starts `name`. Each
+    phase gets its wall time (device synchronised) and its own peak allocated / reserved memory."""
+
+    def __init__(self, device):
+        self.torch, self.cuda = torch, device.type == "cuda"
+        self.rec, self.cur, self.t0 = {}, None, 0.0
+
+    def _sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def mark(self, name: str | None):
+        self._sync()
+        now = time.perf_counter()
+        if self.cur is not None:
+            r = self.rec.setdefault(self.cur, {"ms": 0.0, "peak_alloc_gb": 0.0, "peak_reserved_gb": 0.0})
+            r["ms"] += (now - self.t0) * 1e3
+            if self.cuda:
+                r["peak_alloc_gb"] = max(r["peak_alloc_gb"], self.torch.cuda.max_memory_allocated() / 2**30)
+                r["peak_reserved_gb"] = max(r["peak_reserved_gb"], self.torch.cuda.max_memory_reserved() / 2**30)
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+        self.cur, self.t0 = name, time.perf_counter()
+
+    def take(self) -> dict:
+        self.mark(None)
+        rec, self.rec = self.rec, {}
+        if not self.cuda:
+            for r in rec.values():
+                r["peak_alloc_gb"] = r["peak_reserved_gb"] = None
+        return rec
+
+
+def model_flops(shape: dict, seq_lens: list[int], lm_rows: int, *, train_weights: bool) -> float:
+    """Useful FLOPs of one forward + backward over these sequences: linear layers 2·params per token
+    forward, 2· again for the input gradients and, when the weights train, 2· for their gradients;
+    causal attention 2·heads·head_dim·T² per layer and sequence forward, twice that backward; the LM
+    head only on the `lm_rows` trained rows (the fused kernels skip the rest). Recomputation under
+    gradient checkpointing is not useful work and is not counted."""
+    H, L, I, V = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
+    q = shape["num_attention_heads"] * shape["head_dim"]
+    kv = shape["num_key_value_heads"] * shape["head_dim"]
+    per_token = L * (H * q + 2 * H * kv + q * H + 3 * H * I)
+    mult = 6 if train_weights else 4
+    tokens = sum(seq_lens)
+    attn = sum(2 * shape["num_attention_heads"] * shape["head_dim"] * T * T for T in seq_lens) * L
+    return mult * per_token * tokens + 3 * attn + mult * lm_rows * H * V
+
+
+# ============================================================================= exgrpo
+
+def run_exgrpo(a, mode: str) -> dict:
+    from exgrpo.kernels import exgrpo_advantages
+
+    from exgrpo.batching import Sequence, loss_and_backward, micro_batches, sequence_logprobs
+    from exgrpo.models import init_student, load_model, reference_mode
+    from exgrpo.optim import make_optimizer
+    from exgrpo.policy import Policy
+    from exgrpo.rollout import HFEngine
+
+    lora = mode == "lora"
+    dtype = "bf16" if a.device_type == "cuda" else "fp32"
+    model, tok, dev = init_student(a.model_path, lora=lora, lora_r=a.lora_r, lora_alpha=a.lora_alpha, dtype=dtype,
+                                   device=a.device_type, gradient_checkpointing=a.grad_ckpt)
+    policy = Policy(model)
+    ref = None
+    if a.beta > 0 and not lora:
+        ref = Policy(load_model(a.model_path, dtype=next(model.parameters()).dtype, device=dev).eval())
+        ref.requires_grad_(False)
+    opt, _ = make_optimizer(policy, lr=a.lr, weight_decay=0.0, warmup_steps=0, total_steps=1, schedule="constant",
+                            optimizer="adamw" if lora else a.full_optimizer)
+    engine = HFEngine(model, tok, max_new_tokens=a.completion, temperature=1.0, batch_size=2 * a.group * a.questions)
+    eager = EagerPolicy(model) if a.eager_loss else None
+    meter, steps, info = Meter(dev), [], {}
+    G2 = 2 * a.group
+    for step in range(a.warmup + a.steps):
+        torch.manual_seed(step)
+        rows = [p for p in prompts(a, step) for _ in range(a.group)]     # [Q·2G]: A's G, then B's G, per question
+        meter.mark("rollout")
+        policy.eval()
+        completions = engine.generate_ids(rows, min_new_tokens=a.completion)
+        policy.train()
+        meter.mark("logprobs")
+        adv, _, _ = exgrpo_advantages(outcomes(a, step), torch.arange(G2).expand(a.questions, G2) < a.group)
+        seqs = [Sequence(p + c, [False] * len(p) + [True] * len(c), [False] * (len(p) + len(c)),
+                         advantage=float(adv.reshape(-1)[j])) for j, (p, c) in enumerate(zip(rows, completions))]
+        mbs = micro_batches(seqs, a.micro_batch_tokens, tok.pad_token_id, dev)
+        for s, lp in zip(seqs, sequence_logprobs(policy, mbs, seqs, backend=a.backend)):
+            s.old_logp = lp
+        if a.beta > 0:
+            if ref is not None:
+                ref_lp = sequence_logprobs(ref, mbs, seqs, backend=a.backend)
+            else:
+                with reference_mode(model):
+                    ref_lp = sequence_logprobs(policy, mbs, seqs, backend=a.backend)
+            for s, lp in zip(seqs, ref_lp):
+                s.ref_logp = lp
+        loss_kw = dict(eps_low=0.2, eps_high=0.2, beta=a.beta, aux_coef=0.0, backend=a.backend)
+        if eager is not None:                               # the peer first: same weights, micro-batches and loss
+            meter.mark("loss_eager")
+            opt.zero_grad(set_to_none=True)
+            try:
+                info["loss_eager"] = loss_and_backward(eager, mbs, seqs, **loss_kw)["loss"]
+                info["grad_norm_eager"] = float(torch.nn.utils.get_total_norm(
+                    [p.grad for p in policy.parameters() if p.grad is not None]))
+            except torch.OutOfMemoryError as e:
+                info["loss_eager_error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+                eager = None
+            opt.zero_grad(set_to_none=True)
+            if a.device_type == "cuda":
+                torch.cuda.empty_cache()
+        meter.mark("loss")
+        opt.zero_grad(set_to_none=True)
+        m = loss_and_backward(policy, mbs, seqs, **loss_kw)
+        meter.mark("optimizer")
+        info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
+                                                                 1.0))
+        opt.step()
+        rec = meter.take()
+        rec["update"] = _combine(rec["loss"], rec["optimizer"])
+        if step >= a.warmup:
+            steps.append(rec)
+        info["loss"] = m["loss"]
+    lens = [len(s.ids) for s in seqs]
+    trained = sum(len(c) for c in completions)              # rows the LM head runs in the loss
+    work = {"rollout": (G2 * a.questions * a.completion, "generated"), "logprobs": (sum(lens), "processed"),
+            "loss": (sum(lens), "processed"), "update": (sum(lens), "processed"),
+            "loss_eager": (sum(lens), "processed")}
+    flops = model_flops(a.shape, lens, trained, train_weights=not lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _summarise(steps, work, flops, extra={**info, "trainable_params": trainable, "micro_batches": len(mbs),
+                                                    "optimizer": "adamw" if lora else a.full_optimizer})
+
+
+class EagerPolicy(torch.nn.Module):
+    """The plain-PyTorch peer for the loss phase: the model's own forward to [b, T, V] logits, fp32
+    log-softmax, gather, and the reference policy loss (kernels/reference.py) — what a trainer
+    without fused kernels does. Called by exgrpo.batching.loss_and_backward like exgrpo's Policy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, targets, *, mask, advantages, old_logp=None, ref_logp=None,
+                weights=None, sft_mask=None, aux_coef=0.0, eps_low=0.2, eps_high=0.2, beta=0.04,
+                reduction="token_mean", temperature=1.0, backend=None):
+        from exgrpo.kernels import IGNORE_INDEX
+        from exgrpo.kernels.reference import policy_loss_ref
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logp = (logits.float() / temperature).log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0]
+        logp = torch.where(targets != IGNORE_INDEX, logp, torch.zeros_like(logp))
+        return policy_loss_ref(logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                               beta=beta, weights=weights, sft_mask=sft_mask, aux_coef=aux_coef, reduction=reduction)
+
+
+# ============================================================================= TRL
+
+def run_trl(a, mode: str, liger: bool) -> dict:
+    """TRL's GRPOTrainer on the same model and prompts. Phases are cut at its own methods:
+    rollout = _generate_single_turn, logprobs = the rest of _generate_and_score_completions (reference
+    and old log-probs, rewards), update = the rest of the optimizer step (loss forward+backward over
+    the micro-batches, optimizer)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from exgrpo.models import load_model, load_tokenizer
+    tok = load_tokenizer(a.model_path)
+    cuda = a.device_type == "cuda"
+    model = load_model(a.model_path, dtype=torch.bfloat16 if cuda else torch.float32, device=a.device_type)
+    n_steps = a.warmup + a.steps
+    texts = [" ".join(f"w{i}" for i in p) for s in range(n_steps) for p in prompts(a, s)]
+    per_step = 2 * a.group * a.questions
+    mb_seqs = max(1, min(per_step, a.micro_batch_tokens // (a.prompt_len + a.completion)))
+    while per_step % mb_seqs:
+        mb_seqs -= 1
+    g = torch.Generator().manual_seed(7)
+    peft_config = None
+    if mode == "lora":
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                                 task_type="CAUSAL_LM")
+    optim = "adamw_torch" if mode == "lora" or a.full_optimizer == "adamw" else "adamw_torch_8bit"
+    cfg = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="exgrpo-trl-"), per_device_train_batch_size=mb_seqs,
+        gradient_accumulation_steps=per_step // mb_seqs, num_generations=a.group,
+        max_completion_length=a.completion, generation_kwargs={"min_new_tokens": a.completion},
+        temperature=1.0, beta=a.beta, loss_type="dapo", learning_rate=a.lr, max_steps=n_steps,
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, optim=optim, shuffle_dataset=False,
+        gradient_checkpointing=a.grad_ckpt, bf16=cuda, use_cpu=not cuda, use_liger_kernel=liger, seed=0,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=lambda completions, **kw: (torch.rand(len(completions), generator=g) < 0.4).tolist(),
+        args=cfg, train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tok, peft_config=peft_config)
+    meter = Meter(torch.device(a.device_type))
+    steps = []
+
+    def around(name, before, after):
+        fn = getattr(trainer, name, None)
+        if fn is None:
+            raise RuntimeError(f"this TRL ({__import__('trl').__version__}) has no GRPOTrainer.{name}: "
+                               "the phase cuts need updating")
+
+        def wrapped(*args, **kw):
+            meter.mark(before)
+            try:
+                return fn(*args, **kw)
+            finally:
+                meter.mark(after)
+        setattr(trainer, name, wrapped)
+
+    around("_generate_and_score_completions", "logprobs", "loss")
+    around("_generate_single_turn", "rollout", "logprobs")
+
+    class Cut(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            meter.take()
+            meter.mark("prepare")
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            meter.mark("optimizer")
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            meter.mark("post_step")
+
+        def on_step_end(self, args, state, control, **kw):
+            rec = meter.take()
+            rec["update"] = _combine(rec["loss"], rec["optimizer"])
+            if state.global_step > a.warmup:
+                steps.append(rec)
+
+    trainer.add_callback(Cut())
+    trainer.train()
+    seq_len = {"A": a.prompt_len + a.completion, "B": a.partial_len + a.completion}
+    lens = [seq_len[s] for _ in range(a.questions) for s in "AB" for _ in range(a.group)]
+    work = {"rollout": (per_step * a.completion, "generated"), "logprobs": (sum(lens), "processed"),
+            "loss": (sum(lens), "processed"), "update": (sum(lens), "processed")}
+    flops = model_flops(a.shape, lens, per_step * a.completion, train_weights=mode == "full")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return _summarise(steps, work, flops, extra={"trl": __import__("trl").__version__, "micro_batch_seqs": mb_seqs,
+                                                    "optimizer": optim, "trainable_params": trainable})
+
+
+# ============================================================================= reporting
+
+def _combine(*recs) -> dict:
+    peak = lambda k: None if recs[0][k] is None else max(r[k] for r in recs)
+    return {"ms": sum(r["ms"] for r in recs), "peak_alloc_gb": peak("peak_alloc_gb"),
+            "peak_reserved_gb": peak("peak_reserved_gb")}
+
+
+def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) -> dict:
+    if not steps:
+        raise RuntimeError("no measured step was recorded")
+    phases = {}
+    for name in sorted({k for s in steps for k in s}, key=lambda k: PHASES.index(k) if k in PHASES else -1):
+        recs = [s[name] for s in steps if name in s]
+        ms = statistics.median(r["ms"] for r in recs)
+        row = {"ms": ms, "peak_alloc_gb": recs[0]["peak_alloc_gb"] and max(r["peak_alloc_gb"] for r in recs),
+               "peak_reserved_gb": recs[0]["peak_reserved_gb"] and max(r["peak_reserved_gb"] for r in recs)}
+        if name in work:
+            row["tokens"], row["tokens_kind"] = work[name]
+            row["tokens_per_s"] = row["tokens"] / (ms * 1e-3)
+        phases[name] = row
+    peaks = [r["peak_alloc_gb"] for r in phases.values() if r["peak_alloc_gb"] is not None]
+    out = {"phases": phases, "step_ms": sum(r["ms"] for k, r in phases.items()
+                                           if k not in ("update", "loss_eager")),
+           "peak_alloc_gb": max(peaks) if peaks else None, "update_flops": update_flops, **extra}
+    if "update" in phases:
+        out["update_tflops"] = update_flops / (phases["update"]["ms"] * 1e-3) / 1e12
+    return out
+
+
+def run_case(a, case: str) -> dict:
+    trainer, mode = case.split(":")
+    if trainer == "exgrpo":
+        return run_exgrpo(a, mode)
+    return run_trl(a, mode, liger=trainer == "trl-liger")
+
+
+def _case_in_subprocess(argv: list[str], case: str, model_dir: Path, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "case.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--cases", case, "--model-dir", str(model_dir),
+               "--case-json", str(path)]
+        try:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if not torch.cuda.is_available():               # Triton kernels (exgrpo's, Liger's) interpreted
+                env.setdefault("TRITON_INTERPRET", "1")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+        if path.exists():
+            return json.loads(path.read_text())
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-1500:]}
+
+
+def _without(argv: list[str], options: set[str]) -> list[str]:
+    """argv minus these options and their values (both `--opt v1 v2` and `--opt=v`)."""
+    out, skip = [], False
+    for x in argv:
+        if x.split("=")[0] in options:
+            skip = "=" not in x
+            continue
+        if skip and not x.startswith("--"):
+            continue
+        skip = False
+        out.append(x)
+    return out
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The issue's targets, judged only on what was measured in this run."""
+    by = {r["case"]: r for r in results if not r.get("error")}
+    out = []
+
+    def judge(name, ok, measured):
+        out.append({"target": name, "met": ok, "measured": measured})
+
+    for mode, limit in (("full", None), ("lora", 60.0)):
+        r = by.get(f"exgrpo:{mode}")
+        if r and r.get("peak_alloc_gb") is not None:
+            ok = True if limit is None else r["peak_alloc_gb"] <= limit
+            judge(f"exgrpo {mode} fits" + ("" if limit is None else f", peak <= {limit:.0f} GB"), ok,
+                  f"peak allocated {r['peak_alloc_gb']:.1f} GB, reserved "
+                  f"{max(p['peak_reserved_gb'] for p in r['phases'].values()):.1f} GB")
+    for mode in ("lora", "full"):
+        ours, peer = by.get(f"exgrpo:{mode}"), by.get(f"trl-liger:{mode}")
+        if ours and peer:
+            speed = ours["phases"]["update"]["tokens_per_s"] / peer["phases"]["update"]["tokens_per_s"]
+            judge(f"{mode} update tokens/s >= 1.5x TRL+Liger", speed >= 1.5, f"{speed:.2f}x")
+            if ours["phases"]["update"]["peak_alloc_gb"] is not None:
+                mem = ours["phases"]["update"]["peak_alloc_gb"] / peer["phases"]["update"]["peak_alloc_gb"]
+                judge(f"{mode} update peak memory <= 0.5x TRL+Liger", mem <= 0.5, f"{mem:.2f}x")
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse(argv)
+    a.device_type = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.case_json:                                         # child: one case
+        a.model_path = a.model_dir
+        (case,) = a.cases
+        try:
+            res = run_case(a, case)
+        except Exception as e:                              # an OOM or a peer's failure is a result
+            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"}
+        Path(a.case_json).write_text(json.dumps(res))
+        return res
+
+    from bench import common
+    dev = torch.device(a.device_type)
+    scratch = None if a.model_dir else tempfile.TemporaryDirectory(prefix="exgrpo-step-model-")
+    if scratch is not None:
+        a.model_dir = scratch.name
+    with contextlib.redirect_stdout(sys.stderr):
+        model_dir = prepare_model_dir(a)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    H, I = a.shape["hidden_size"], a.shape["intermediate_size"]
+    mm = common.matmul_tflops(min(a.micro_batch_tokens, 16384), H, I, dt, dev, warmup=1 if a.tiny else 3,
+                              reps=3 if a.tiny else 10)
+    record = {"bench": "step", "machine": common.machine(), "args": {k: v for k, v in vars(a).items()
+                                                                    if k not in ("case_json",)},
+              "matmul_tflops": mm, "results": []}
+    child_argv = _without(argv, {"--cases", "--model-dir", "--out"})
+    from tqdm import tqdm
+    for case in tqdm(a.cases, desc="cases", disable=a.tiny):
+        res = {"case": case, **_case_in_subprocess(child_argv, case, model_dir, timeout=600 if a.tiny else 1800)}
+        if "update_tflops" in res:
+            res["update_frac_of_matmul"] = res["update_tflops"] / mm
+        record["results"].append(res)
+    record["targets"] = targets(record["results"])
+    rows = []
+    for r in record["results"]:
+        for ph, v in (r.get("phases") or {"—": {}}).items():
+            rows.append({"case": r["case"], "phase": ph, **v, "error": r.get("error")})
+    print(common.table(rows, [("case", "case", ""), ("phase", "phase", ""), ("median ms", "ms", ".1f"),
+                              ("tokens/s", "tokens_per_s", ".4g"), ("peak alloc GB", "peak_alloc_gb", ".2f"),
+                              ("peak reserved GB", "peak_reserved_gb", ".2f"), ("error", "error", "")]))
+    for r in record["results"]:
+        if "update_tflops" in r:
+            print(f"{r['case']}: update {r['update_tflops']:.3g} useful TFLOP/s = "
+                  f"{r['update_frac_of_matmul']:.0%} of the {mm:.3g} TFLOP/s matmul rate")
+    for t in record["targets"]:
+        print(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} ({t['measured']})")
+    path = common.write("step", record, a.out)
+    print(f"wrote {path}")
+    if scratch is not None:
+        scratch.cleanup()
+    return record
+
+
+if __name__ == "__main__":
+    main()
