@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything the GPU owes, on the device machine (its own torch/triton/transformers):
+#     bash bench/gpu.sh build tests sweep        # one call, ~10 min at most
+#     STEP_ARGS="--cases exgrpo:lora trl-liger:lora" bash bench/gpu.sh step
+#     bash bench/gpu.sh profile                  # nsys trace of the fused loss (triton, cuda)
+# Carry .whl (made by bench/fetch_wheels.sh) for TRL, Liger and torchao. Everything printed goes to
+# $OUT/gpu.log, results (JSON, PNG) to $OUT ($OUT: the device tool's folder; else bench/results).
+# Each stage has a time limit; a failing stage does not stop the next; the summary says which passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+LOG=$OUT/gpu.log
+STAGES=${*:-build tests sweep}
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+} 2>&1 | tee -a "$LOG"
+declare -A RC
+run() {  # run NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  RC[$name]=${PIPESTATUS[0]}
+}
+for s in $STAGES; do
+  case $s in
+    build) run build 240 env EXGRPO_BUILD_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace ;;
+    tests) run tests 240 python3 -m pytest tests -m gpu -q -p no:cacheprovider ;;
+    sweep) run sweep 240 python3 bench/bench_lmhead.py --sweep --reps 5 --out "$OUT" ;;
+    # shellcheck disable=SC2086
+    step)  run step 570 python3 bench/step.py --out "$OUT" --model-dir /tmp/exgrpo-gemma7b-random ${STEP_ARGS:-} ;;
+    profile) run profile 240 nsys profile -o "$OUT/lmhead" --trace=cuda,nvtx --force-overwrite true \
+             python3 bench/bench_lmhead.py --n 16384 --op loss --providers triton cuda --reps 3 --no-plot --out /tmp ;;
+    *) echo "unknown stage $s" | tee -a "$LOG"; RC[$s]=2 ;;
+  esac
+done
+echo "=== summary" | tee -a "$LOG"
+for s in $STAGES; do echo "$s: rc=${RC[$s]:-?}" | tee -a "$LOG"; done
