@@ -71,6 +71,9 @@ def parse(argv=None):
     p.add_argument("--eager-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the loss phase with materialised logits (exgrpo cases)")
     p.add_argument("--backend", default="auto", help="exgrpo kernel backend")
+    p.add_argument("--profile", action="store_true",
+                   help="exgrpo cases: after the timed steps, one more loss phase under torch.profiler; the top "
+                        "operators by self time go into the JSON (to explain a missed target with a profile)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
     p.add_argument("--model-dir", default=None,
@@ -278,6 +281,10 @@ def run_exgrpo(a, mode: str) -> dict:
         if step >= a.warmup:
             steps.append(rec)
         info["loss"] = m["loss"]
+    if a.profile:                                           # outside the timed steps: the profiler costs time
+        opt.zero_grad(set_to_none=True)
+        info["profile_loss"] = profile_top(lambda: loss_and_backward(policy, mbs, seqs, **loss_kw), dev)
+        opt.zero_grad(set_to_none=True)
     lens = [len(s.ids) for s in seqs]
     trained = sum(len(c) for c in completions)              # rows the LM head runs in the loss
     work = {"rollout": (G2 * a.questions * a.completion, "generated"), "logprobs": (sum(lens), "processed"),
@@ -308,6 +315,22 @@ class EagerPolicy(torch.nn.Module):
         logp = torch.where(targets != IGNORE_INDEX, logp, torch.zeros_like(logp))
         return policy_loss_ref(logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
                                beta=beta, weights=weights, sft_mask=sft_mask, aux_coef=aux_coef, reduction=reduction)
+
+
+def profile_top(fn, device, n: int = 25) -> list[dict]:
+    """Run fn once under torch.profiler; the n operators with the most self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    self_us = lambda e: getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+    total_us = lambda e: getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3, "total_ms": total_us(e) / 1e3}
+            for e in events]
 
 
 # ============================================================================= TRL
@@ -540,6 +563,12 @@ def main(argv=None):
         if "update_tflops" in r:
             print(f"{r['case']}: update {r['update_tflops']:.3g} useful TFLOP/s = "
                   f"{r['update_frac_of_matmul']:.0%} of the {mm:.3g} TFLOP/s matmul rate")
+    for r in record["results"]:
+        if r.get("profile_loss"):
+            print(f"\n{r['case']}: loss phase, top operators by self time")
+            cols = [("op", "op", ""), ("calls", "calls", "d"), ("self ms", "self_ms", ".2f"),
+                    ("total ms", "total_ms", ".2f")]
+            print(common.table(r["profile_loss"][:12], cols))
     for t in record["targets"]:
         print(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} ({t['measured']})")
     path = common.write("step", record, a.out)

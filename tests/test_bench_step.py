@@ -19,8 +19,8 @@ def test_step_bench_tiny(benchmark, tmp_path):
     from bench.step import CASES, main
     # adamw for full FT: torchao's compiled 8-bit step costs ~20 s to compile per process on this
     # machine, and tests/test_trainer.py already trains, checkpoints and resumes with it
-    record = benchmark.pedantic(main, args=(["--tiny", "--full-optimizer", "adamw", "--out", str(tmp_path)],),
-                                rounds=1, iterations=1)
+    argv = ["--tiny", "--full-optimizer", "adamw", "--profile", "--out", str(tmp_path)]
+    record = benchmark.pedantic(main, args=(argv,), rounds=1, iterations=1)
     (path,) = tmp_path.glob("step-cpu-*.json")
     assert json.loads(path.read_text())["results"] == record["results"]
     res = {r["case"]: r for r in record["results"]}
@@ -55,6 +55,11 @@ def test_step_bench_tiny(benchmark, tmp_path):
     for case in ("trl-liger:lora", "trl-liger:full"):                 # runs, or says why not
         assert res[case].get("error") or res[case]["phases"]["update"]["ms"] > 0
     assert record["machine"]["torch"] and "commit" in record["machine"]
+    # --profile: the loss phase's operators, the LM head's GEMMs among them
+    for case in ("exgrpo:lora", "exgrpo:full"):
+        top = res[case]["profile_loss"]
+        assert top and all(t["self_ms"] >= 0 and t["calls"] >= 1 for t in top)
+        assert any("mm" in t["op"] for t in top), [t["op"] for t in top]
 
 
 def test_step_bench_targets_are_judged_on_measurements_only():
