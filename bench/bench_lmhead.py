@@ -75,7 +75,9 @@ def make_inputs(N, H, V, L, dtype, device, seed=0):
     h = torch.randn(B, L, H, generator=g, device=device, dtype=dtype)
     W = torch.randn(V, H, generator=g, device=device, dtype=dtype) * H**-0.5
     t = torch.randint(0, V, (B, L), generator=g, device=device)
-    mask = torch.rand(B, L, generator=g, device=device) < 0.9
+    # every token trained: exgrpo skips untrained rows, the peers do not, so a partial mask would flatter
+    # exgrpo's time and its useful-FLOP count (6·N·H·V) would no longer be the same work for every provider
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)
     adv = torch.randn(B, generator=g, device=device)
     with torch.no_grad():
         from exgrpo.kernels import token_logprobs
