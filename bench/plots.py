@@ -117,8 +117,72 @@ def sweep_figure(record: dict):
 
 def plot_sweep(record: dict, path: Path) -> Path:
     """Draw `record` (bench_lmhead's JSON) to the PNG `path`."""
+    return plot_record(record, path)
+
+
+STEP_PHASES = ("rollout", "logprobs", "loss", "optimizer")
+
+
+def step_figure(record: dict):
+    """bench/step.py's record: per case, the step's phases as stacked time bars, and each phase's peak
+    allocated memory. A case that failed is drawn as its error. The caller closes it."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig = sweep_figure(record)
+
+    res = record["results"]
+    cases = [r["case"] for r in res]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 1.2 + 0.55 * len(cases)), sharey=True)
+    y = list(range(len(cases)))[::-1]
+    mem_seen, longest = False, 0.0
+    for yi, r in zip(y, res):
+        if r.get("error"):
+            ax_t.text(0.01, yi, textwrap.shorten("failed: " + r["error"], 90), transform=ax_t.get_yaxis_transform(),
+                      va="center", fontsize=8, color="C3")
+            continue
+        left = 0.0
+        for i, ph in enumerate(STEP_PHASES):
+            sec = r["phases"].get(ph, {}).get("ms", 0.0) / 1e3
+            ax_t.barh(yi, sec, left=left, color=f"C{i}")
+            left += sec
+        longest = max(longest, left)
+        upd = r["phases"].get("update", {})
+        if upd.get("tokens_per_s"):
+            ax_t.text(left, yi, f"  update {upd['tokens_per_s']:.4g} tok/s", va="center", fontsize=8)
+        for i, ph in enumerate(STEP_PHASES):
+            gb = r["phases"].get(ph, {}).get("peak_alloc_gb")
+            if gb is not None:
+                mem_seen = True
+                ax_m.barh(yi + (1.5 - i) * 0.2, gb, height=0.2, color=f"C{i}")
+    ax_t.set_yticks(y, cases)
+    ax_t.set_ylim(-0.6, len(cases) - 0.4)
+    ax_t.set_xlabel("seconds per step (median)")
+    if longest > 0:
+        ax_t.set_xlim(0, longest * 1.35)                    # room for the tokens/s labels
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(STEP_PHASES))]
+    fig.legend(handles, STEP_PHASES, fontsize=8, loc="lower center", ncol=len(STEP_PHASES), frameon=False)
+    ax_t.set_title("time per phase", fontsize=10)
+    if mem_seen:
+        ax_m.set_xlabel("GB")
+        ax_m.set_title("peak allocated memory per phase", fontsize=10)
+    else:
+        ax_m.text(0.5, 0.5, "memory not measured on CPU", transform=ax_m.transAxes, ha="center", va="center",
+                  fontsize=12, color="0.4")
+        ax_m.set_xticks([])
+    m, a = record.get("machine", {}), record.get("args", {})
+    dev = m.get("gpu") or "CPU"
+    commit = (m.get("commit") or "unknown commit") + ("+dirty" if m.get("dirty") else "")
+    fig.suptitle(f"one ExGRPO step — {dev} · hidden {a.get('shape', {}).get('hidden_size')} · "
+                 f"{a.get('questions')}×2×{a.get('group')} trajectories of {a.get('prompt_len')}/"
+                 f"{a.get('partial_len')}+{a.get('completion')} tokens · {commit}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def plot_record(record: dict, path: Path) -> Path:
+    """Draw a bench_lmhead sweep or a bench/step.py record to the PNG `path`."""
+    import matplotlib.pyplot as plt
+    fig = step_figure(record) if record.get("bench") == "step" else sweep_figure(record)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -127,12 +191,12 @@ def plot_sweep(record: dict, path: Path) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Re-plot a saved bench_lmhead record.")
-    p.add_argument("record", help="lmhead-*.json from bench/bench_lmhead.py")
+    p = argparse.ArgumentParser(description="Re-plot a saved bench_lmhead or bench/step.py record.")
+    p.add_argument("record", help="lmhead-*.json or step-*.json from bench/")
     p.add_argument("--out", default=None, help="PNG path (default: next to the JSON, same stem)")
     a = p.parse_args(argv)
     src = Path(a.record)
-    path = plot_sweep(json.loads(src.read_text()), Path(a.out) if a.out else src.with_suffix(".png"))
+    path = plot_record(json.loads(src.read_text()), Path(a.out) if a.out else src.with_suffix(".png"))
     print(f"wrote {path}")
     return path
 

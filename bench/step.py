@@ -573,6 +573,8 @@ def main(argv=None):
         print(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} ({t['measured']})")
     path = common.write("step", record, a.out)
     print(f"wrote {path}")
+    from bench.plots import plot_record
+    print(f"wrote {plot_record(record, path.with_suffix('.png'))}")
     if scratch is not None:
         scratch.cleanup()
     return record

@@ -23,6 +23,8 @@ def test_step_bench_tiny(benchmark, tmp_path):
     record = benchmark.pedantic(main, args=(argv,), rounds=1, iterations=1)
     (path,) = tmp_path.glob("step-cpu-*.json")
     assert json.loads(path.read_text())["results"] == record["results"]
+    png = path.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     res = {r["case"]: r for r in record["results"]}
     assert list(res) == list(CASES)
     for case in ("exgrpo:lora", "exgrpo:full", "trl:lora", "trl:full"):
@@ -77,3 +79,25 @@ def test_step_bench_targets_are_judged_on_measurements_only():
     assert got["lora update tokens/s >= 1.5x TRL+Liger"] == (True, "2.00x")
     assert got["lora update peak memory <= 0.5x TRL+Liger"] == (True, "0.43x")
     assert not any("full update" in k for k in got)                   # a failed peer is not a comparison
+
+
+def test_step_plot_with_memory_and_a_failed_case(tmp_path):
+    """A GPU-shaped record: memory per phase is drawn, a failed case shows its error instead of bars."""
+    from bench.plots import STEP_PHASES, plot_record, step_figure
+    ph = lambda ms, gb: {"ms": ms, "peak_alloc_gb": gb, "peak_reserved_gb": gb + 2, "tokens_per_s": 1e4}
+    rec = {"bench": "step", "machine": {"gpu": "NVIDIA H200", "commit": "abc1234"},
+           "args": {"shape": {"hidden_size": 3072}, "questions": 1, "group": 8, "prompt_len": 1536,
+                    "partial_len": 1280, "completion": 256},
+           "results": [{"case": "exgrpo:lora", "phases": {p: ph(100.0 * (i + 1), 20.0 + i)
+                                                          for i, p in enumerate([*STEP_PHASES, "update"])}},
+                       {"case": "trl-liger:lora", "error": "OutOfMemoryError: CUDA out of memory."}]}
+    fig = step_figure(rec)
+    ax_t, ax_m = fig.axes
+    widths = sorted(round(b.get_width(), 3) for b in ax_t.patches)
+    assert widths == [0.1, 0.2, 0.3, 0.4]                               # seconds, one bar per phase
+    assert sorted(b.get_width() for b in ax_m.patches) == [20.0, 21.0, 22.0, 23.0]
+    assert any("OutOfMemoryError" in t.get_text() for t in ax_t.texts)
+    assert "NVIDIA H200" in fig._suptitle.get_text()
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    assert plot_record(rec, tmp_path / "s.png").stat().st_size > 10_000
