@@ -541,6 +541,10 @@ def main(argv=None):
     H, I = a.shape["hidden_size"], a.shape["intermediate_size"]
     mm = common.matmul_tflops(min(a.micro_batch_tokens, 16384), H, I, dt, dev, warmup=1 if a.tiny else 3,
                               reps=3 if a.tiny else 10)
+    if dev.type == "cuda":                                  # the cases run in children: hold no GPU memory here
+        import gc
+        gc.collect()
+        torch.cuda.empty_cache()
     record = {"bench": "step", "machine": common.machine(), "args": {k: v for k, v in vars(a).items()
                                                                     if k not in ("case_json",)},
               "matmul_tflops": mm, "results": []}
