@@ -212,8 +212,8 @@ def model_flops(shape: dict, seq_lens: list[int], lm_rows: int, *, train_weights
 def run_exgrpo(a, mode: str) -> dict:
     from exgrpo.kernels import exgrpo_advantages
 
-    from exgrpo.batching import Sequence, loss_and_backward, micro_batches, sequence_logprobs
-    from exgrpo.models import init_student, load_model, reference_mode
+    from exgrpo.batching import Sequence, attach_logprobs, loss_and_backward, micro_batches
+    from exgrpo.models import init_student, load_model
     from exgrpo.optim import make_optimizer
     from exgrpo.policy import Policy
     from exgrpo.rollout import HFEngine
@@ -245,16 +245,7 @@ def run_exgrpo(a, mode: str) -> dict:
         seqs = [Sequence(p + c, [False] * len(p) + [True] * len(c), [False] * (len(p) + len(c)),
                          advantage=float(adv.reshape(-1)[j])) for j, (p, c) in enumerate(zip(rows, completions))]
         mbs = micro_batches(seqs, a.micro_batch_tokens, tok.pad_token_id, dev)
-        for s, lp in zip(seqs, sequence_logprobs(policy, mbs, seqs, backend=a.backend)):
-            s.old_logp = lp
-        if a.beta > 0:
-            if ref is not None:
-                ref_lp = sequence_logprobs(ref, mbs, seqs, backend=a.backend)
-            else:
-                with reference_mode(model):
-                    ref_lp = sequence_logprobs(policy, mbs, seqs, backend=a.backend)
-            for s, lp in zip(seqs, ref_lp):
-                s.ref_logp = lp
+        attach_logprobs(policy, mbs, seqs, old=True, ref=a.beta > 0, ref_policy=ref, backend=a.backend)
         loss_kw = dict(eps_low=0.2, eps_high=0.2, beta=a.beta, aux_coef=0.0, backend=a.backend)
         if eager is not None:                               # the peer first: same weights, micro-batches and loss
             meter.mark("loss_eager")

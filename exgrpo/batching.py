@@ -102,6 +102,25 @@ def sequence_logprobs(policy, mbs: list[MicroBatch], seqs: list[Sequence], *, ba
     return out
 
 
+def attach_logprobs(policy, mbs: list[MicroBatch], seqs: list[Sequence], *, old: bool, ref: bool, ref_policy=None,
+                    backend="auto") -> None:
+    """Fill each sequence's old_logp (the rollout policy's, for the ratio when a batch is reused) and
+    ref_logp (the reference's: `ref_policy`, a frozen copy, or else the policy with its LoRA adapters
+    disabled). The trainer and bench/step.py both go through here."""
+    from exgrpo.models import reference_mode
+    if old:
+        for s, lp in zip(seqs, sequence_logprobs(policy, mbs, seqs, backend=backend)):
+            s.old_logp = lp
+    if ref:
+        if ref_policy is not None:
+            ref_lp = sequence_logprobs(ref_policy, mbs, seqs, backend=backend)
+        else:
+            with reference_mode(policy.model):
+                ref_lp = sequence_logprobs(policy, mbs, seqs, backend=backend)
+        for s, lp in zip(seqs, ref_lp):
+            s.ref_logp = lp
+
+
 def loss_and_backward(policy, mbs: list[MicroBatch], seqs: list[Sequence], *, eps_low, eps_high, beta, aux_coef,
                       backend="auto", temperature=1.0, need_grad=True, totals: tuple[int, int] | None = None,
                       grad_scale: float = 1.0, skip_empty: bool = True) -> dict[str, float]:

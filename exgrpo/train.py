@@ -77,7 +77,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
     from tqdm import tqdm
 
     from exgrpo import checkpoint, distributed
-    from exgrpo.batching import Sequence, equalize, loss_and_backward, micro_batches, sequence_logprobs
+    from exgrpo.batching import Sequence, attach_logprobs, equalize, loss_and_backward, micro_batches
     from exgrpo.configs import save_config
     from exgrpo.dialogues import (
         POLICY,
@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
         sample_probes,
     )
     from exgrpo.kernels import exgrpo_advantages
-    from exgrpo.models import context_length, init_student, load_model, reference_mode
+    from exgrpo.models import context_length, init_student, load_model
     from exgrpo.optim import make_optimizer
     from exgrpo.policy import Policy
     from exgrpo.rollout import HFEngine, VLLMEngine, run_dialogues
@@ -205,17 +205,9 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
             mbs = micro_batches(seqs, cfg.micro_batch_tokens, tok.pad_token_id, dev)
             if d.on:                                        # FSDP: the same number of passes on every rank
                 mbs = equalize(mbs, int(distributed.all_max([len(mbs)], d, dev)[0]), tok.pad_token_id, dev)
-            if cfg.updates_per_batch > 1:                   # ratios need the rollout policy's log-probs
-                for s, lp in zip(seqs, sequence_logprobs(policy, mbs, seqs, backend=cfg.backend)):
-                    s.old_logp = lp
-            if cfg.beta > 0:
-                if ref is not None:
-                    ref_lp = sequence_logprobs(ref, mbs, seqs, backend=cfg.backend)
-                else:
-                    with reference_mode(model):
-                        ref_lp = sequence_logprobs(policy, mbs, seqs, backend=cfg.backend)
-                for s, lp in zip(seqs, ref_lp):
-                    s.ref_logp = lp
+            # ratios need the rollout policy's log-probs only when the batch is reused
+            attach_logprobs(policy, mbs, seqs, old=cfg.updates_per_batch > 1, ref=cfg.beta > 0, ref_policy=ref,
+                            backend=cfg.backend)
             totals = distributed.all_sum([sum(int(mb.mask.sum()) for mb in mbs),
                                           sum(int(mb.sft_mask.sum()) for mb in mbs)], d, dev)
 
