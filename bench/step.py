@@ -162,12 +162,12 @@ class Meter:
     phase gets its wall time (device synchronised) and its own peak allocated / reserved memory."""
 
     def __init__(self, device):
-        self.torch, self.cuda = torch, device.type == "cuda"
+        self.cuda = device.type == "cuda"
         self.rec, self.cur, self.t0 = {}, None, 0.0
 
     def _sync(self):
         if self.cuda:
-            self.torch.cuda.synchronize()
+            torch.cuda.synchronize()
 
     def mark(self, name: str | None):
         self._sync()
@@ -176,10 +176,10 @@ class Meter:
             r = self.rec.setdefault(self.cur, {"ms": 0.0, "peak_alloc_gb": 0.0, "peak_reserved_gb": 0.0})
             r["ms"] += (now - self.t0) * 1e3
             if self.cuda:
-                r["peak_alloc_gb"] = max(r["peak_alloc_gb"], self.torch.cuda.max_memory_allocated() / 2**30)
-                r["peak_reserved_gb"] = max(r["peak_reserved_gb"], self.torch.cuda.max_memory_reserved() / 2**30)
+                r["peak_alloc_gb"] = max(r["peak_alloc_gb"], torch.cuda.max_memory_allocated() / 2**30)
+                r["peak_reserved_gb"] = max(r["peak_reserved_gb"], torch.cuda.max_memory_reserved() / 2**30)
         if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats()
         self.cur, self.t0 = name, time.perf_counter()
 
     def take(self) -> dict:
@@ -189,6 +189,13 @@ class Meter:
             for r in rec.values():
                 r["peak_alloc_gb"] = r["peak_reserved_gb"] = None
         return rec
+
+
+def phase_work(lens: list[int], generated: int) -> dict:
+    """Tokens per phase, for tokens/s: generated tokens in the rollout, every token of every sequence
+    through the model in the others."""
+    return {"rollout": (generated, "generated"),
+            **{ph: (sum(lens), "processed") for ph in ("logprobs", "loss", "update", "loss_eager")}}
 
 
 def model_flops(shape: dict, seq_lens: list[int], lm_rows: int, *, train_weights: bool) -> float:
@@ -268,7 +275,6 @@ def run_exgrpo(a, mode: str) -> dict:
                                                                  1.0))
         opt.step()
         rec = meter.take()
-        rec["update"] = _combine(rec["loss"], rec["optimizer"])
         if step >= a.warmup:
             steps.append(rec)
         info["loss"] = m["loss"]
@@ -278,13 +284,11 @@ def run_exgrpo(a, mode: str) -> dict:
         opt.zero_grad(set_to_none=True)
     lens = [len(s.ids) for s in seqs]
     trained = sum(len(c) for c in completions)              # rows the LM head runs in the loss
-    work = {"rollout": (G2 * a.questions * a.completion, "generated"), "logprobs": (sum(lens), "processed"),
-            "loss": (sum(lens), "processed"), "update": (sum(lens), "processed"),
-            "loss_eager": (sum(lens), "processed")}
     flops = model_flops(a.shape, lens, trained, train_weights=not lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return _summarise(steps, work, flops, extra={**info, "trainable_params": trainable, "micro_batches": len(mbs),
-                                                    "optimizer": "adamw" if lora else a.full_optimizer})
+    return _summarise(steps, phase_work(lens, G2 * a.questions * a.completion), flops,
+                      extra={**info, "trainable_params": trainable, "micro_batches": len(mbs),
+                             "optimizer": "adamw" if lora else a.full_optimizer})
 
 
 class EagerPolicy(torch.nn.Module):
@@ -331,6 +335,7 @@ def run_trl(a, mode: str, liger: bool) -> dict:
     rollout = _generate_single_turn, logprobs = the rest of _generate_and_score_completions (reference
     and old log-probs, rewards), update = the rest of the optimizer step (loss forward+backward over
     the micro-batches, optimizer)."""
+    import trl
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -369,7 +374,7 @@ def run_trl(a, mode: str, liger: bool) -> dict:
     def around(name, before, after):
         fn = getattr(trainer, name, None)
         if fn is None:
-            raise RuntimeError(f"this TRL ({__import__('trl').__version__}) has no GRPOTrainer.{name}: "
+            raise RuntimeError(f"this TRL ({trl.__version__}) has no GRPOTrainer.{name}: "
                                "the phase cuts need updating")
 
         def wrapped(*args, **kw):
@@ -396,7 +401,6 @@ def run_trl(a, mode: str, liger: bool) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             rec = meter.take()
-            rec["update"] = _combine(rec["loss"], rec["optimizer"])
             if state.global_step > a.warmup:
                 steps.append(rec)
 
@@ -404,12 +408,11 @@ def run_trl(a, mode: str, liger: bool) -> dict:
     trainer.train()
     seq_len = {"A": a.prompt_len + a.completion, "B": a.partial_len + a.completion}
     lens = [seq_len[s] for _ in range(a.questions) for s in "AB" for _ in range(a.group)]
-    work = {"rollout": (per_step * a.completion, "generated"), "logprobs": (sum(lens), "processed"),
-            "loss": (sum(lens), "processed"), "update": (sum(lens), "processed")}
     flops = model_flops(a.shape, lens, per_step * a.completion, train_weights=mode == "full")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return _summarise(steps, work, flops, extra={"trl": __import__("trl").__version__, "micro_batch_seqs": mb_seqs,
-                                                    "optimizer": optim, "trainable_params": trainable})
+    return _summarise(steps, phase_work(lens, per_step * a.completion), flops,
+                      extra={"trl": trl.__version__, "micro_batch_seqs": mb_seqs, "optimizer": optim,
+                             "trainable_params": trainable})
 
 
 # ============================================================================= reporting
@@ -423,6 +426,8 @@ def _combine(*recs) -> dict:
 def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) -> dict:
     if not steps:
         raise RuntimeError("no measured step was recorded")
+    for s in steps:                                         # the update phase: loss forward+backward + optimizer
+        s["update"] = _combine(s["loss"], s["optimizer"])
     phases = {}
     for name in sorted({k for s in steps for k in s}, key=lambda k: PHASES.index(k) if k in PHASES else -1):
         recs = [s[name] for s in steps if name in s]

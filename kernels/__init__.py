@@ -32,11 +32,8 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, re
     """
     _checks.check_lm_head(hidden, weight, targets, temperature=temperature, softcap=softcap)
     be = _backends.get(backend, hidden.device)
-    lead, H = hidden.shape[:-1], hidden.shape[-1]
-    flat_h, flat_t = hidden.reshape(-1, H), targets.reshape(-1)
-    rows = _live_rows(flat_t != IGNORE_INDEX)
-    if rows is not None:                                        # ignored rows never reach the LM head
-        flat_h, flat_t = flat_h.index_select(0, rows), flat_t.index_select(0, rows)
+    lead = hidden.shape[:-1]
+    flat_h, flat_t, rows = _live_rows(hidden, targets, targets != IGNORE_INDEX)   # ignored rows skip the LM head
     out = _lmhead.TokenLogprobs.apply(
         flat_h.contiguous(), weight.contiguous(), flat_t.contiguous(), be,
         1.0 / temperature, softcap, _lmhead.chunk_budget_bytes(chunk_mb, hidden.device), return_entropy)
@@ -47,12 +44,15 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, softcap=None, re
     return outs if return_entropy else outs[0]
 
 
-def _live_rows(live: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows whose log-prob is needed, or None when that is every row. Prompt tokens,
-    padding and untrained turns skip the LM head's GEMMs entirely (one host sync)."""
+def _live_rows(hidden, targets, live):
+    """hidden [N, H] and targets [N] flattened to the rows whose log-prob is needed, and their indices
+    (None when that is every row). Prompt tokens, padding and untrained turns skip the LM head's GEMMs
+    entirely (one host sync)."""
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if bool(live.all()):
-        return None
-    return live.nonzero().squeeze(1)
+        return flat_h, flat_t, None
+    rows = live.reshape(-1).nonzero().squeeze(1)
+    return flat_h.index_select(0, rows), flat_t.index_select(0, rows), rows
 
 
 def exgrpo_advantages(outcome, is_full, *, delta=0.5, nu=1.0, eps=1e-6, scale="group", group_by="question",
@@ -150,10 +150,9 @@ def fused_exgrpo_loss(hidden, weight, targets, mask, advantages, *, old_logp=Non
     if bool((used & (targets == IGNORE_INDEX)).any()):
         raise ValueError("mask/sft_mask select positions whose target is -100 (ignored): they have no log-prob")
     be = _backends.get(backend, hidden.device)
-    flat_h, flat_t = hidden.reshape(-1, H), targets.reshape(-1)
-    rows = _live_rows(used.reshape(-1))
-    if rows is not None:                                        # only trained tokens go through the LM head
-        flat_h, flat_t, terms = flat_h.index_select(0, rows), flat_t.index_select(0, rows), terms.take(rows)
+    flat_h, flat_t, rows = _live_rows(hidden, targets, used)   # only trained tokens go through the LM head
+    if rows is not None:
+        terms = terms.take(rows)
     args = (flat_h.contiguous(), weight.contiguous(), flat_t.contiguous())
     budget = _lmhead.chunk_budget_bytes(chunk_mb, hidden.device)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):

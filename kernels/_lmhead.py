@@ -156,11 +156,9 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
         with _nvtx("grad_gemms", cu):
             if dh is not None:
                 torch.mm(x, weight, out=dh[lo:hi])              # [n, H]
-            if dW is None:
-                pass
-            elif dW.dtype == x.dtype:
+            if dW is not None and dW.dtype == x.dtype:
                 dW.addmm_(x.T, h)
-            else:                                               # bf16/fp16 GEMM, fp32 accumulation across chunks
+            elif dW is not None:                                # bf16/fp16 GEMM, fp32 accumulation across chunks
                 dW.add_(x.T @ h)
     if coef_fn is not None:
         return lse, zt, dh, dW

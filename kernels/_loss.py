@@ -43,14 +43,16 @@ class TokenTerms(NamedTuple):
     n_tokens: torch.Tensor            # [] fp32, Σm
     n_sft: torch.Tensor               # [] fp32, Σs
 
+    def _per_token(self, f) -> TokenTerms:
+        """f applied to the [N] fields; the totals n_tokens / n_sft stay the whole batch's."""
+        return TokenTerms(*(f(t) if (isinstance(t, torch.Tensor) and t.dim() == 1) else t for t in self))
+
     def rows(self, lo: int, hi: int) -> TokenTerms:
-        cut = lambda t: t[lo:hi] if (isinstance(t, torch.Tensor) and t.dim() == 1) else t
-        return TokenTerms(*(cut(t) for t in self))
+        return self._per_token(lambda t: t[lo:hi])
 
     def take(self, index: torch.Tensor) -> TokenTerms:
-        """The terms of the tokens `index` only (the totals n_tokens / n_sft stay the whole batch's)."""
-        pick = lambda t: t.index_select(0, index) if (isinstance(t, torch.Tensor) and t.dim() == 1) else t
-        return TokenTerms(*(pick(t) for t in self))
+        """The terms of the tokens `index` only."""
+        return self._per_token(lambda t: t.index_select(0, index))
 
 
 def prepare_terms(mask, advantages, old_logp, ref_logp, weights, sft_mask, spec: LossSpec) -> TokenTerms:
