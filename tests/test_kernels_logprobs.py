@@ -74,13 +74,14 @@ def test_real_vocabulary(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("softcap", [None, 4.0])
-def test_bf16_within_twice_eager_error(backend, softcap):
+@pytest.mark.parametrize("softcap,chunk_mb", [(None, None), (4.0, None), (None, 0.5)])
+def test_bf16_within_twice_eager_error(backend, softcap, chunk_mb):
+    """One chunk: dW is one bf16 GEMM; chunk_mb=0.5 (several chunks): dW accumulates in fp32."""
     h, W, t, g_lp, g_ent = make(45, 64, 2053, seed=3)
     kw = dict(temperature=0.9, softcap=softcap)
     ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64, **kw)
     eager = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.bfloat16, **kw)
-    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.bfloat16, backend=backend, **kw)
+    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.bfloat16, backend=backend, chunk_mb=chunk_mb, **kw)
     assert out[2].dtype == torch.bfloat16 and out[3].dtype == torch.bfloat16
     for name, o, e, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, eager, ref):
         assert_like_eager(o, r, e, f"{backend} bf16 {name}")

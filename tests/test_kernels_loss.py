@@ -39,7 +39,7 @@ def as_dtype(x, dtype):
     return None if x is None else (x.to(dtype) if x.dtype.is_floating_point else x)
 
 
-def fused(fn, b, dtype, **kw):
+def fused(fn, b, dtype, grad_scale=1.0, **kw):
     h = b["h"].to(dtype, copy=True).requires_grad_()
     W = b["W"].to(dtype, copy=True).requires_grad_()
     f32 = torch.float64 if dtype == torch.float64 else torch.float32
@@ -55,7 +55,7 @@ def fused(fn, b, dtype, **kw):
         sft_mask=b["sft_mask"],
         **kw,
     )
-    loss.backward()
+    (loss * grad_scale).backward()
     return loss.detach(), metrics, h.grad, W.grad
 
 
@@ -125,15 +125,53 @@ def test_fused_equals_policy_loss_of_token_logprobs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_loss_bf16_within_twice_eager_error(backend):
+@pytest.mark.parametrize("chunk_mb,grad_scale", [(None, 1.0), (0.5, 1.0), (None, 0.37), (0.5, 3.1)])
+def test_fused_loss_bf16_within_twice_eager_error(backend, chunk_mb, grad_scale):
+    """One chunk (dW one bf16 GEMM) and several (fp32 accumulation), with the upstream gradient ≠ 1
+    (the trainer's grad_scale): backward scales the forward-made gradients in place, in fp32."""
     b = make_batch(4, 31, 64, 2053, seed=17, weights="seq")
-    kw = dict(reduction="token_mean", aux_coef=0.1, beta=0.04)
+    kw = dict(reduction="token_mean", aux_coef=0.1, beta=0.04, grad_scale=grad_scale)
     ref = fused(R.fused_exgrpo_loss_ref, b, torch.float64, **kw)
     eager = fused(R.fused_exgrpo_loss_ref, b, torch.bfloat16, **kw)
-    out = fused(K.fused_exgrpo_loss, b, torch.bfloat16, backend=backend, **kw)
+    out = fused(K.fused_exgrpo_loss, b, torch.bfloat16, backend=backend, chunk_mb=chunk_mb, **kw)
     assert out[2].dtype == torch.bfloat16 and out[3].dtype == torch.bfloat16
     for i, name in ((0, "loss"), (2, "d_hidden"), (3, "d_weight")):
         assert_like_eager(out[i], ref[i], eager[i], f"{backend} bf16 {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_loss_scaled_and_accumulated_gradients(backend):
+    """(c·loss).backward() gives c × the gradient (fp32, against float64), and two losses backpropagated
+    into the same leaves accumulate: the gradients handed out by backward are not aliased."""
+    b1 = make_batch(3, 13, 24, 389, seed=31, weights="token")
+    b2 = dict(make_batch(3, 13, 24, 389, seed=32, weights="seq"), W=b1["W"])   # two micro-batches, one head
+    kw = dict(reduction="token_mean", aux_coef=0.2, beta=0.04)
+    ref = fused(R.fused_exgrpo_loss_ref, b1, torch.float64, grad_scale=-2.5, **kw)
+    out = fused(K.fused_exgrpo_loss, b1, torch.float32, backend=backend, grad_scale=-2.5, chunk_mb=0.01, **kw)
+    assert_rel(out[2], ref[2], 1e-5, "scaled d_hidden")
+    assert_rel(out[3], ref[3], 1e-5, "scaled d_weight")
+
+    W = b1["W"].float().requires_grad_()
+    grads = []
+    for b in (b1, b2):
+        h = b["h"].float().requires_grad_()
+        loss, _ = K.fused_exgrpo_loss(h, W, b["t"], b["mask"], b["adv"].float(), old_logp=b["old"].float(),
+                                      ref_logp=b["ref"].float(), weights=b["weights"].float(),
+                                      sft_mask=b["sft_mask"], backend=backend, **kw)
+        loss.backward()
+        grads.append(W.grad.clone())
+    r1, r2 = (fused(R.fused_exgrpo_loss_ref, b, torch.float64, **kw)[3] for b in (b1, b2))
+    assert_rel(grads[0], r1, 1e-5, "first loss's d_weight")
+    assert_rel(grads[1], r1 + r2, 1e-5, "accumulated d_weight")
+
+
+def test_fused_loss_second_backward_is_a_clear_error():
+    b = make_batch(2, 7, 16, 101, seed=3)
+    h = b["h"].float().requires_grad_()
+    loss, _ = K.fused_exgrpo_loss(h, b["W"].float(), b["t"], b["mask"], b["adv"].float(), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
