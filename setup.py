@@ -46,6 +46,12 @@ def _why_not_cuda() -> str | None:
         return f"torch {torch.__version__} is a CPU build"
     if cpp_extension.CUDA_HOME is None:
         return "nvcc was not found (set CUDA_HOME)"
+    home = cpp_extension.CUDA_HOME
+    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+        # torch guesses CUDA_HOME as nvcc's grandparent, which is wrong for a wrapper script such as /usr/local/bin/nvcc
+        source = "CUDA_HOME" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else "nvcc's location"
+        return (f"the CUDA toolkit folder {home} (from {source}) has no include/cuda_runtime.h: set CUDA_HOME to "
+                "the toolkit, e.g. CUDA_HOME=/usr/local/cuda")
     return None
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU owes, on the device machine (its own torch/triton/transformers):
-#     bash bench/gpu.sh build tests sweep        # one call, ~10 min at most
+#     bash bench/gpu.sh build tests sweep        # one call: the stage limits add up to 570 s
 #     STEP_ARGS="--cases exgrpo:lora trl-liger:lora" bash bench/gpu.sh step
 #     bash bench/gpu.sh profile                  # nsys trace of the fused loss (triton, cuda)
 # Carry .whl (made by bench/fetch_wheels.sh) for TRL, Liger and torchao. Everything printed goes to
@@ -18,8 +18,14 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+# torch takes CUDA_HOME to be nvcc's grandparent, wrong for a wrapper script: ask nvcc where it lives
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  [ -n "$CUDA_HOME" ] && export CUDA_HOME=$(cd "$CUDA_HOME" && pwd -P)
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  echo "CUDA_HOME=${CUDA_HOME:-unset}"
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 } 2>&1 | tee -a "$LOG"
 declare -A RC
@@ -31,9 +37,9 @@ run() {  # run NAME SECONDS CMD...
 }
 for s in $STAGES; do
   case $s in
-    build) run build 240 env EXGRPO_BUILD_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace ;;
+    build) run build 120 env EXGRPO_BUILD_CUDA=1 MAX_JOBS=16 python3 setup.py build_ext --inplace ;;
     tests) run tests 240 python3 -m pytest tests -m gpu -q -p no:cacheprovider ;;
-    sweep) run sweep 240 python3 bench/bench_lmhead.py --sweep --reps 5 --out "$OUT" ;;
+    sweep) run sweep 210 python3 bench/bench_lmhead.py --sweep --reps 5 --out "$OUT" ;;
     # shellcheck disable=SC2086
     step)  run step 570 python3 bench/step.py --out "$OUT" --model-dir /tmp/exgrpo-gemma7b-random ${STEP_ARGS:-} ;;
     profile) run profile 240 nsys profile -o "$OUT/lmhead" --trace=cuda,nvtx --force-overwrite true \

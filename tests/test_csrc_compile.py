@@ -4,6 +4,7 @@ The kernel translation units include no torch header (that is what makes this ch
 CUDA torch); the torch binding, csrc/bindings.cpp, is parsed against the installed torch's headers.
 Also here: setup.py's EXGRPO_BUILD_CUDA modes, and the "cuda" backend slot without the extension.
 """
+import json
 import os
 import re
 import runpy
@@ -175,6 +176,20 @@ def test_setup_modes_without_cuda_torch(monkeypatch, capsys):
         mod["_arch_flags"]("hopper")
 
 
+def test_setup_names_a_toolkit_folder_without_headers(monkeypatch, capsys, tmp_path):
+    """CUDA torch, but CUDA_HOME is not a toolkit (torch's guess from a wrapper nvcc): say so before compiling."""
+    if torch.version.cuda is None:
+        pytest.skip("CPU torch: setup.py stops earlier (test_setup_modes_without_cuda_torch)")
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    _, kw = run_setup(monkeypatch, "auto")
+    assert kw == {} and f"{tmp_path} (from nvcc's location) has no include/cuda_runtime.h" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot be built: the CUDA toolkit folder .* set CUDA_HOME"):
+        run_setup(monkeypatch, "1")
+
+
 def test_cuda_backend_reports_why_it_is_unavailable():
     import exgrpo.kernels as K
     from exgrpo.kernels import cuda_backend
@@ -188,3 +203,89 @@ def test_cuda_backend_reports_why_it_is_unavailable():
     h, W, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     with pytest.raises(RuntimeError, match=r"backend 'cuda' is unavailable: .*Available here"):
         K.token_logprobs(h, W, t, backend="cuda")
+
+
+BUILT_SCRIPT = r'''
+import json, re, sys, torch
+sys.path.insert(0, sys.argv[1])
+from torch._subclasses.fake_tensor import FakeTensorMode
+import exgrpo
+from exgrpo.kernels import cuda_backend as cb
+assert exgrpo.__file__.startswith(sys.argv[1]), exgrpo.__file__
+assert cb._load() is None, cb._load()
+doc = re.sub(r"\s+", " ", cb.__doc__)
+out = {"schemas": {}, "in_doc": {}}
+for name in ("lmhead_stats", "lmhead_stats_backward_inplace", "advantages", "loss_terms"):
+    s = str(getattr(torch.ops.exgrpo, name).default._schema)
+    out["schemas"][name] = s
+    out["in_doc"][name] = s.removeprefix("exgrpo::") in doc
+with FakeTensorMode():                                  # fake CUDA tensors: the register_fake side, no GPU
+    res = {}
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        x = torch.empty(5, 1031, device="cuda", dtype=dt, requires_grad=True)
+        t = torch.zeros(5, dtype=torch.long, device="cuda")
+        lse, zt, ent = torch.ops.exgrpo.lmhead_stats(x, t, 1.0, 30.0, True)
+        _, _, none = torch.ops.exgrpo.lmhead_stats(x.detach(), t, 1.0, None, False)
+        # register_autograd's node (running backward would need a CUDA context)
+        res[str(dt)] = [list(lse.shape), str(lse.dtype), list(ent.shape), list(none.shape), lse.grad_fn.name()]
+    o = torch.empty(8, device="cuda")
+    c, s, tot, fired = torch.ops.exgrpo.advantages(o, torch.ones(8, dtype=torch.bool, device="cuda"), 0.5, 1.0,
+                                                   1e-6, False)
+    res["advantages"] = [list(c.shape), str(fired.dtype)]
+    lp = torch.empty(3, 7, device="cuda", requires_grad=True)
+    e = lambda *shape: torch.empty(*shape, device="cuda")
+    coef, loss, metrics = torch.ops.exgrpo.loss_terms(lp, e(3), e(3, 7), e(3, 7),
+                                                      torch.ones(3, 7, dtype=torch.bool, device="cuda"),
+                                                      None, None, None, 0.2, 0.2, 0.04)
+    res["loss_terms"] = [list(coef.shape), list(loss.shape), list(metrics.shape), loss.grad_fn.name(),
+                         coef.requires_grad or metrics.requires_grad]
+out["fake"] = res
+print(json.dumps(out))
+'''
+
+
+def _toolkit_home() -> str:
+    """The CUDA toolkit folder of the nvcc on PATH, as nvcc itself reports it (TOP): PATH may hold a
+    wrapper script, e.g. /usr/local/bin/nvcc, whose grandparent is not the toolkit."""
+    r = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+    m = re.search(r"^#\$ TOP=(.+)$", r.stdout + r.stderr, re.M)
+    assert m, f"nvcc --dryrun did not report TOP: {(r.stdout + r.stderr)[-2000:]}"
+    return str(Path(m.group(1).strip()).resolve())
+
+
+@pytest.mark.slow
+def test_extension_builds_against_this_cuda_torch(tmp_path):
+    """Where torch is a CUDA build and nvcc exists (not CI: its torch is the CPU wheel), build exgrpo._C
+    with setup.py exactly as a user would, import it (no GPU needed), and check that the op schemas it
+    registers are the ones cuda_backend documents, that the fake (meta) registrations give the documented
+    shapes for every input dtype, and that the autograd registrations are attached (fake CUDA tensors:
+    running a backward would need a CUDA context). This checks the binding against a given torch's
+    headers and ABI (e.g. the GPU machine's torch 2.11 installed on the CPU machine) before a GPU is lent."""
+    if torch.version.cuda is None:
+        pytest.skip("CPU torch: CUDAExtension cannot build against it (run with a CUDA torch installed)")
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "build")
+    for d in ("csrc", "exgrpo", "kernels"):
+        shutil.copytree(ROOT / d, src / d, ignore=ignore)
+    for f in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / f, src / f)
+    env = dict(os.environ, EXGRPO_BUILD_CUDA="1", MAX_JOBS=str(os.cpu_count() or 2))
+    if not env.get("CUDA_HOME"):
+        env["CUDA_HOME"] = _toolkit_home()
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert list((src / "exgrpo").glob("_C*.so")), "build_ext reported success but wrote no exgrpo/_C*.so"
+    r = subprocess.run([sys.executable, "-c", BUILT_SCRIPT, str(src)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(rec["in_doc"].values()), f"schemas not in cuda_backend's docstring: {rec['schemas']}"
+    for dt in ("torch.bfloat16", "torch.float16", "torch.float32"):
+        assert rec["fake"][dt] == [[5], "torch.float32", [5], [0],
+                                   "GeneratedBackwardFor_exgrpo_lmhead_stats_defaultBackward"], (dt, rec["fake"][dt])
+    assert rec["fake"]["advantages"] == [[8], "torch.bool"]
+    assert rec["fake"]["loss_terms"] == [[3, 7], [], [5], "GeneratedBackwardFor_exgrpo_loss_terms_defaultBackward",
+                                         False]
