@@ -4,6 +4,10 @@ The interpreter accepts code the compiler rejects (types of loop-carried scalars
 pointer arithmetic), so CI compiles each kernel in every constexpr variant the launchers use, in a
 subprocess without TRITON_INTERPRET. No GPU is needed to compile; `ptxas -v` then reports registers
 and spills, and a spill fails the test.
+
+Twice: with the installed Triton (the CPU pin, which the CUDA torch of the same release uses) and with
+the GPU machine's Triton 3.6.0 (../shared/PLATFORM.md), fetched once into a cache folder with pip, so a
+kernel that only the newer compiler accepts is caught before a GPU is lent.
 """
 import json
 import os
@@ -11,11 +15,18 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
+
+GPU_MACHINE_TRITON = "3.6.0"
 
 SCRIPT = textwrap.dedent(r'''
     import json, os, subprocess, sys, tempfile
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
+    want = os.environ.get("EXGRPO_EXPECT_TRITON")
+    assert want in (None, triton.__version__), f"compiling with Triton {triton.__version__}, wanted {want}"
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from exgrpo.kernels import triton_lmhead as TL, triton_loss as TS
@@ -67,16 +78,43 @@ SCRIPT = textwrap.dedent(r'''
 ''')
 
 
-def _ptxas():
+def _ptxas(triton_dir: str):
     """Triton ships the ptxas it compiles with; fall back to a CUDA toolkit's."""
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    bundled = os.path.join(triton_dir, "backends", "nvidia", "bin", "ptxas")
     return bundled if os.path.exists(bundled) else (shutil.which("ptxas") or "")
 
 
-def test_every_triton_kernel_compiles_for_sm90_and_sm80():
+def _triton_release(version: str) -> Path:
+    """A folder holding only `triton==version` (no deps), installed by pip on first use and kept in
+    EXGRPO_CACHE (default ~/.cache/exgrpo) so later runs reuse it."""
+    root = Path(os.environ.get("EXGRPO_CACHE", Path.home() / ".cache" / "exgrpo"))
+    target = root / f"triton-{version}"
+    if (target / "triton" / "__init__.py").exists():
+        return target
+    tmp = root / f".triton-{version}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
+                        f"triton=={version}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"pip could not fetch triton=={version} (PyPI is needed once): {r.stderr[-2000:]}"
+    try:
+        tmp.rename(target)
+    except OSError:                                             # another run got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@pytest.mark.parametrize("release", ["installed", GPU_MACHINE_TRITON])
+def test_every_triton_kernel_compiles_for_sm90_and_sm80(release):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    dump = _ptxas()
+    if release == "installed":
+        import triton
+        triton_dir = os.path.dirname(triton.__file__)
+    else:
+        site = _triton_release(release)
+        env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["EXGRPO_EXPECT_TRITON"] = release
+        triton_dir = str(site / "triton")
+    dump = _ptxas(triton_dir)
     r = subprocess.run([sys.executable, "-c", SCRIPT, dump], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     recs = json.loads(r.stdout.strip().splitlines()[-1])
