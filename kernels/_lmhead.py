@@ -14,10 +14,11 @@ the backend's (torch ops, Triton, or CUDA C++). Only one `[n, V]` buffer is live
 extra memory is the chunk buffer plus dh [N, H] and dW [V, H], never `[N, V]`.
 
 dW: with one chunk (the usual case on a GPU) it is a single GEMM written straight into the weight's
-dtype (the GEMM accumulates in fp32 and rounds once). With several chunks it accumulates in an fp32
-[V, H] buffer that is cast once at the end. The fused loss makes dW in forward and holds it in the
-weight's dtype until backward, which scales it by the upstream gradient in place: at Gemma-7B shape
-(V = 256000, H = 3072) that is 1.6 GB held, not an fp32 3.1 GB plus an fp32 copy in backward.
+dtype (the GEMM accumulates in fp32 and rounds once). With several chunks each chunk's GEMM adds into
+an fp32 [V, H] buffer without rounding (`_addmm_fp32_`), which is cast once at the end. The fused
+loss makes dW in forward and holds it in the weight's dtype until backward, which scales it by the
+upstream gradient in place: at Gemma-7B shape (V = 256000, H = 3072) that is 1.6 GB held, not an
+fp32 3.1 GB plus an fp32 copy in backward.
 
 FLOPs: the fused loss does the forward GEMM once and the two gradient GEMMs once: 6·N·H·V, the
 useful minimum. `token_logprobs` cannot know its upstream gradient in the forward pass, so its
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -170,8 +172,8 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
                 torch.mm(x.T, h, out=dW)
             elif dW is not None and dW.dtype == x.dtype:
                 dW.addmm_(x.T, h)
-            elif dW is not None:                                # bf16/fp16 GEMM, fp32 accumulation across chunks
-                dW.add_(x.T @ h)
+            elif dW is not None:                                # bf16/fp16 chunks, fp32 accumulation
+                _addmm_fp32_(dW, x.T, h)
     if dW is not None:
         buf = x = None
         dW = dW.to(weight.dtype)                                # fp32 accumulator -> weight dtype, once
@@ -180,6 +182,27 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
     if grad_from is not None:
         return dh, dW
     return lse, zt, ent
+
+
+# torch.addmm(..., out_dtype=fp32) from bf16/fp16 operands (CUDA): in torch since 2.8
+_MM_OUT_DTYPE = {"ok": tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)}
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc and bf16/fp16 a, b: the product is neither rounded to the operands' dtype
+    before the sum (a per-chunk rounding of dW) nor held as a [V, H] temporary. On CUDA cuBLAS writes fp32
+    straight into acc; elsewhere the chunk's operands are up-cast (n·(V + H) fp32, inside the chunk budget
+    that the torch epilogue's temporaries have already freed)."""
+    if _MM_OUT_DTYPE["ok"] and acc.device.type == "cuda":
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError) as e:     # not in this build: say so once
+            _MM_OUT_DTYPE["ok"] = False
+            warnings.warn(f"torch.addmm(out_dtype=float32) failed ({type(e).__name__}: {e}); d_weight chunks are "
+                          "now up-cast to fp32 before their GEMM (slower, twice the chunk memory, same result)",
+                          stacklevel=2)
+    acc.addmm_(a.float(), b.float())
 
 
 class TokenLogprobs(torch.autograd.Function):
