@@ -147,6 +147,7 @@ def sft(cfg: SFTConfig) -> Path:
                 bad_streak += 1
             else:
                 opt.step()
+                opt.zero_grad(set_to_none=True)             # checkpoints and evaluation hold no gradients
                 bad_streak = 0
             sched.step()
             rec = {"step": step + 1, "epoch": epoch, "nll": m["aux_nll"], "n_tokens": m["n_sft_tokens"],

@@ -226,6 +226,7 @@ def train(cfg: TrainConfig, *, engine=None) -> Path:
                     bad_streak += 1
                     break
                 opt.step()
+                opt.zero_grad(set_to_none=True)             # the next rollout holds no gradients
                 bad_streak = 0
             sched.step()
             n_q, s_tot, s_out, s_full, s_part, n_fired = distributed.all_sum(

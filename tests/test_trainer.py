@@ -255,6 +255,21 @@ def test_ctrl_c_saves_the_finished_steps(tiny_student, probe_dir, tmp_path, monk
     assert checkpoint.latest(run).name == "ckpt-000002"
 
 
+def test_rollouts_hold_no_gradients(tiny_student, probe_dir, tmp_path, monkeypatch):
+    """The optimizer step frees the gradients: the next rollout (KV cache, vLLM wake-up) must not share the GPU
+    with a model-sized set of them."""
+    import exgrpo.rollout as R
+    seen, real = [], R.run_dialogues
+
+    def record(engine, turns):
+        seen.append(any(p.grad is not None for p in engine.model.parameters()))
+        return real(engine, turns)
+
+    monkeypatch.setattr(R, "run_dialogues", record)
+    train(small_train(tiny_student, probe_dir, tmp_path / "g", steps=2))
+    assert len(seen) >= 2 and not any(seen), seen
+
+
 def test_cli_sft_then_train(tiny_student, probe_dir, tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     r = subprocess.run([sys.executable, "-m", "exgrpo", "sft", "--model", str(tiny_student), "--probes",
