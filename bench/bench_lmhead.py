@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def parse(argv=None):
     p.add_argument("--seq-len", type=int, default=1024, help="L for the loss's [B, L] layout (B = N / L)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke shapes: N=96, H=32, V=1000, fp32, 1 rep")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--profile", action="store_true",
+                   help="one more call of each (op, provider) under torch.profiler: its top operators by self "
+                        "(device) time go into the row, to explain a missed target with a profile")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=None,
                    help="write time/memory vs N next to the JSON (default: when more than one N is run)")
     a = p.parse_args(argv)
@@ -81,7 +85,7 @@ def make_inputs(N, H, V, L, dtype, device, seed=0):
     adv = torch.randn(B, generator=g, device=device)
     with torch.no_grad():
         from exgrpo.kernels import token_logprobs
-        lp = token_logprobs(h, W, t)
+        lp = token_logprobs(h, W, t, backend="torch")  # not a backend under test: a fault there sinks no row
     old = lp + 0.05 * torch.randn(B, L, generator=g, device=device)
     ref = lp + 0.05 * torch.randn(B, L, generator=g, device=device)
     return dict(h=h, W=W, t=t, mask=mask, adv=adv, old=old, ref=ref, N=N)
@@ -150,6 +154,7 @@ def main(argv=None):
     ops = OPS if a.op == "both" else (a.op,)
     record = {"bench": "lmhead", "machine": common.machine(), "args": vars(a), "results": []}
     avail = K.available(device)
+    path = common.result_path("lmhead", record, a.out)
     for N in a.n:
         x, mm, setup_error = None, None, None
         try:
@@ -179,6 +184,8 @@ def main(argv=None):
                     row["peak_extra_mb"] = common.peak_extra_mb(fn, device)
                     row["peak_reserved_mb"] = (torch.cuda.max_memory_reserved() / 2**20
                                                if device.type == "cuda" else None)
+                    if a.profile:
+                        row["profile"] = common.profile_top(fn, device, n=12)
                 except Exception as e:                          # an OOM or a peer's failure is a result
                     row["error"] = _error(e)
                 if row["error"]:
@@ -189,15 +196,23 @@ def main(argv=None):
                 row["frac_of_matmul"] = row["tflops"] / mm
         del x
         _free(device)                                           # before the next N's inputs
+        path.write_text(json.dumps(record, indent=2))          # after every N: a killed sweep keeps what it measured
+        print(f"N={N}: " + ", ".join(f"{r['op']}/{r['provider']} " + (f"{r['median_ms']:.2f} ms" if not r["error"]
+                                     else "error") for r in record["results"] if r["N"] == N), flush=True)
     order = lambda r: (OPS.index(r["op"]), PROVIDERS.index(r["provider"]), r["N"])
     print(common.table(sorted(record["results"], key=order), [
         ("op", "op", ""), ("provider", "provider", ""), ("N", "N", "d"), ("median ms", "median_ms", ".2f"),
-        ("p10", "p10_ms", ".2f"), ("p90", "p90_ms", ".2f"), ("peak extra MB", "peak_extra_mb", ".0f"),
-        ("peak reserved MB", "peak_reserved_mb", ".0f"), ("useful TFLOP/s", "tflops", ".3g"),
+        ("p10", "p10_ms", ".2f"), ("p90", "p90_ms", ".2f"), ("peak extra MiB", "peak_extra_mb", ".0f"),
+        ("peak reserved MiB", "peak_reserved_mb", ".0f"), ("useful TFLOP/s", "tflops", ".3g"),
         ("of matmul", "frac_of_matmul", ".0%"), ("error", "error", "")]))
-    path = common.write("lmhead", record, a.out)
+    path.write_text(json.dumps(record, indent=2))
     rates = {r["N"]: r["matmul_tflops"] for r in record["results"] if r["matmul_tflops"] is not None}
     print("\nmatmul rate measured at each N (TFLOP/s): " + ", ".join(f"{n}: {v:.3g}" for n, v in rates.items()))
+    for r in record["results"]:
+        if r.get("profile"):
+            print(f"\n{r['op']} / {r['provider']} at N={r['N']}: top operators by self time")
+            print(common.table(r["profile"], [("op", "op", ""), ("calls", "calls", "d"), ("self ms", "self_ms", ".2f"),
+                                              ("total ms", "total_ms", ".2f")]))
     print(f"wrote {path}")
     if a.plot:
         from bench.plots import plot_sweep

@@ -86,12 +86,17 @@ def matmul_tflops(M: int, K: int, N: int, dtype, device, *, warmup=3, reps=10) -
     return 2 * M * K * N / (t["median_ms"] * 1e-3) / 1e12
 
 
-def write(name: str, record: dict, out_dir: Path | None = None) -> Path:
+def result_path(name: str, record: dict, out_dir: Path | None = None) -> Path:
+    """Where this run's JSON goes: out_dir (default bench/results)/name-{gpu|cpu}-timestamp.json."""
     out_dir = Path(out_dir) if out_dir else RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     dev = "gpu" if record["machine"].get("gpu") else "cpu"
-    path = out_dir / f"{name}-{dev}-{stamp}.json"
+    return out_dir / f"{name}-{dev}-{stamp}.json"
+
+
+def write(name: str, record: dict, out_dir: Path | None = None) -> Path:
+    path = result_path(name, record, out_dir)
     path.write_text(json.dumps(record, indent=2))
     return path
 
@@ -102,3 +107,19 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(k), f) for _, k, f in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def profile_top(fn, device, n: int = 25) -> list[dict]:
+    """Run fn once under torch.profiler; the n operators with the most self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    self_us = lambda e: getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
+    total_us = lambda e: getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3, "total_ms": total_us(e) / 1e3}
+            for e in events]

@@ -2,7 +2,8 @@
 # Everything the GPU owes, on the device machine (its own torch/triton/transformers):
 #     bash bench/gpu.sh build tests sweep        # one call: the stage limits add up to 570 s
 #     STEP_ARGS="--cases exgrpo:lora trl-liger:lora" bash bench/gpu.sh step
-#     bash bench/gpu.sh profile                  # nsys trace of the fused loss (triton, cuda)
+#     bash bench/gpu.sh profile                  # torch.profiler top operators of the fused loss at N=16k
+# (nsys is not on these machines' PATH; ncu is, see README "Profiling").
 # Carry .whl (made by bench/fetch_wheels.sh) for TRL, Liger and torchao. Everything printed goes to
 # $OUT/gpu.log, results (JSON, PNG) to $OUT ($OUT: the device tool's folder; else bench/results).
 # Each stage has a time limit; a failing stage does not stop the next; the summary says which passed.
@@ -27,6 +28,8 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+  # the carried peers and their dependencies, imported before any stage needs them (a mismatch shows here)
+  python3 -c "import trl, liger_kernel, torchao, datasets, peft; print('trl', trl.__version__, 'torchao', torchao.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee -a "$LOG"
 declare -A RC
 run() {  # run NAME SECONDS CMD...
@@ -42,8 +45,8 @@ for s in $STAGES; do
     sweep) run sweep 210 python3 bench/bench_lmhead.py --sweep --reps 5 --out "$OUT" ;;
     # shellcheck disable=SC2086
     step)  run step 570 python3 bench/step.py --out "$OUT" --model-dir /tmp/exgrpo-gemma7b-random ${STEP_ARGS:-} ;;
-    profile) run profile 240 nsys profile -o "$OUT/lmhead" --trace=cuda,nvtx --force-overwrite true \
-             python3 bench/bench_lmhead.py --n 16384 --op loss --providers triton cuda --reps 3 --no-plot --out /tmp ;;
+    profile) run profile 240 python3 bench/bench_lmhead.py --n 16384 --op loss --providers triton cuda liger --reps 3 \
+             --profile --no-plot --out "$OUT" ;;
     *) echo "unknown stage $s" | tee -a "$LOG"; RC[$s]=2 ;;
   esac
 done

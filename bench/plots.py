@@ -100,7 +100,7 @@ def sweep_figure(record: dict):
             dotted = any(ln.get_linestyle() == ":" for ln in ax_m.lines)
             ax_m.set_title(f"{op}: peak memory — solid: allocated above the inputs"
                            + ("\ndotted: reserved by the allocator, inputs included" if dotted else ""), fontsize=9)
-            ax_m.set_ylabel("MB")
+            ax_m.set_ylabel("MiB")
         for ax in ([ax_t, ax_m] if ax_m.lines else [ax_t]):
             ax.set_xscale("log")
             ax.set_yscale("log")

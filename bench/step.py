@@ -76,6 +76,7 @@ def parse(argv=None):
                         "operators by self time go into the JSON (to explain a missed target with a profile)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
+    p.add_argument("--case-timeout", type=float, default=1800, help="seconds a case may take (its own process)")
     p.add_argument("--model-dir", default=None,
                    help="where the random model is saved and reused (default: a temp dir, removed at the end)")
     p.add_argument("--device", default=None)
@@ -159,7 +160,8 @@ def outcomes(a, step: int):
 
 class Meter:
     """Consecutive phases of one step: mark(name) ends the current phase and starts `name`. Each
-    phase gets its wall time (device synchronised) and its own peak allocated / reserved memory."""
+    phase gets its wall time (device synchronised) and its own peak allocated / reserved memory, in GB
+    (10⁹ bytes, the unit of the targets)."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -176,8 +178,8 @@ class Meter:
             r = self.rec.setdefault(self.cur, {"ms": 0.0, "peak_alloc_gb": 0.0, "peak_reserved_gb": 0.0})
             r["ms"] += (now - self.t0) * 1e3
             if self.cuda:
-                r["peak_alloc_gb"] = max(r["peak_alloc_gb"], torch.cuda.max_memory_allocated() / 2**30)
-                r["peak_reserved_gb"] = max(r["peak_reserved_gb"], torch.cuda.max_memory_reserved() / 2**30)
+                r["peak_alloc_gb"] = max(r["peak_alloc_gb"], torch.cuda.max_memory_allocated() / 1e9)
+                r["peak_reserved_gb"] = max(r["peak_reserved_gb"], torch.cuda.max_memory_reserved() / 1e9)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         self.cur, self.t0 = name, time.perf_counter()
@@ -274,13 +276,15 @@ def run_exgrpo(a, mode: str) -> dict:
         info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
                                                                  1.0))
         opt.step()
+        opt.zero_grad(set_to_none=True)                     # the next rollout holds no gradients (as TRL)
         rec = meter.take()
         if step >= a.warmup:
             steps.append(rec)
         info["loss"] = m["loss"]
     if a.profile:                                           # outside the timed steps: the profiler costs time
         opt.zero_grad(set_to_none=True)
-        info["profile_loss"] = profile_top(lambda: loss_and_backward(policy, mbs, seqs, **loss_kw), dev)
+        from bench import common
+        info["profile_loss"] = common.profile_top(lambda: loss_and_backward(policy, mbs, seqs, **loss_kw), dev)
         opt.zero_grad(set_to_none=True)
     lens = [len(s.ids) for s in seqs]
     trained = sum(len(c) for c in completions)              # rows the LM head runs in the loss
@@ -310,22 +314,6 @@ class EagerPolicy(torch.nn.Module):
         logp = torch.where(targets != IGNORE_INDEX, logp, torch.zeros_like(logp))
         return policy_loss_ref(logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
                                beta=beta, weights=weights, sft_mask=sft_mask, aux_coef=aux_coef, reduction=reduction)
-
-
-def profile_top(fn, device, n: int = 25) -> list[dict]:
-    """Run fn once under torch.profiler; the n operators with the most self time (device time on CUDA)."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-    self_us = lambda e: getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total
-    total_us = lambda e: getattr(e, "device_time_total", 0.0) if cuda else e.cpu_time_total
-    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:n]
-    return [{"op": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3, "total_ms": total_us(e) / 1e3}
-            for e in events]
 
 
 # ============================================================================= TRL
@@ -438,7 +426,8 @@ def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) 
             row["tokens"], row["tokens_kind"] = work[name]
             row["tokens_per_s"] = row["tokens"] / (ms * 1e-3)
         phases[name] = row
-    peaks = [r["peak_alloc_gb"] for r in phases.values() if r["peak_alloc_gb"] is not None]
+    # the case's peak is its own step's: the materialised-logits peer (loss_eager) has its phase row only
+    peaks = [r["peak_alloc_gb"] for k, r in phases.items() if k != "loss_eager" and r["peak_alloc_gb"] is not None]
     out = {"phases": phases, "step_ms": sum(r["ms"] for k, r in phases.items()
                                            if k not in ("update", "loss_eager")),
            "peak_alloc_gb": max(peaks) if peaks else None, "update_flops": update_flops, **extra}
@@ -454,22 +443,39 @@ def run_case(a, case: str) -> dict:
     return run_trl(a, mode, liger=trainer == "trl-liger")
 
 
-def _case_in_subprocess(argv: list[str], case: str, model_dir: Path, timeout: float) -> dict:
+def _case_in_subprocess(argv: list[str], case: str, model_dir: Path, timeout: float, echo: bool) -> dict:
+    """One case in a fresh process (its own CUDA context and peak memory). Its output is echoed to stderr
+    as it comes, prefixed with the case (echo=True), so a log shows how far a killed run got."""
+    import collections
+    import threading
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--cases", case, "--model-dir", str(model_dir),
                "--case-json", str(path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if not torch.cuda.is_available():                   # Triton kernels (exgrpo's, Liger's) interpreted
+            env.setdefault("TRITON_INTERPRET", "1")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        tail = collections.deque(maxlen=12)
+
+        def pump():
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                if echo:
+                    print(f"[{case}] {line.rstrip()}", file=sys.stderr, flush=True)
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         try:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if not torch.cuda.is_available():               # Triton kernels (exgrpo's, Liger's) interpreted
-                env.setdefault("TRITON_INTERPRET", "1")
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
+            proc.kill()
+            proc.wait()
+            return {"error": f"timed out after {timeout:.0f} s (--case-timeout)"}
+        finally:
+            reader.join(timeout=10)
         if path.exists():
             return json.loads(path.read_text())
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
-        return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-1500:]}
+        return {"error": f"exit {rc}: " + " | ".join(tail)[-1500:]}
 
 
 def _without(argv: list[str], options: set[str]) -> list[str]:
@@ -500,7 +506,7 @@ def targets(results: list[dict]) -> list[dict]:
             ok = True if limit is None else r["peak_alloc_gb"] <= limit
             judge(f"exgrpo {mode} fits" + ("" if limit is None else f", peak <= {limit:.0f} GB"), ok,
                   f"peak allocated {r['peak_alloc_gb']:.1f} GB, reserved "
-                  f"{max(p['peak_reserved_gb'] for p in r['phases'].values()):.1f} GB")
+                  f"{max(p['peak_reserved_gb'] for k, p in r['phases'].items() if k != 'loss_eager'):.1f} GB")
     for mode in ("lora", "full"):
         ours, peer = by.get(f"exgrpo:{mode}"), by.get(f"trl-liger:{mode}")
         if ours and peer:
@@ -510,6 +516,17 @@ def targets(results: list[dict]) -> list[dict]:
                 mem = ours["phases"]["update"]["peak_alloc_gb"] / peer["phases"]["update"]["peak_alloc_gb"]
                 judge(f"{mode} update peak memory <= 0.5x TRL+Liger", mem <= 0.5, f"{mem:.2f}x")
     return out
+
+
+def _phase_table(results: list[dict]) -> str:
+    from bench import common
+    rows = []
+    for r in results:
+        for ph, v in (r.get("phases") or {"—": {}}).items():
+            rows.append({"case": r["case"], "phase": ph, **v, "error": r.get("error")})
+    return common.table(rows, [("case", "case", ""), ("phase", "phase", ""), ("median ms", "ms", ".1f"),
+                               ("tokens/s", "tokens_per_s", ".4g"), ("peak alloc GB", "peak_alloc_gb", ".2f"),
+                               ("peak reserved GB", "peak_reserved_gb", ".2f"), ("error", "error", "")])
 
 
 def main(argv=None):
@@ -545,20 +562,19 @@ def main(argv=None):
                                                                     if k not in ("case_json",)},
               "matmul_tflops": mm, "results": []}
     child_argv = _without(argv, {"--cases", "--model-dir", "--out"})
+    path = common.result_path("step", record, a.out)
     from tqdm import tqdm
     for case in tqdm(a.cases, desc="cases", disable=a.tiny):
-        res = {"case": case, **_case_in_subprocess(child_argv, case, model_dir, timeout=600 if a.tiny else 1800)}
+        res = {"case": case, **_case_in_subprocess(child_argv, case, model_dir, timeout=a.case_timeout,
+                                                   echo=not a.tiny)}
         if "update_tflops" in res:
             res["update_frac_of_matmul"] = res["update_tflops"] / mm
         record["results"].append(res)
+        record["targets"] = targets(record["results"])
+        path.write_text(json.dumps(record, indent=2))       # after every case: a killed run keeps what it measured
+        print(_phase_table([res]), flush=True)
     record["targets"] = targets(record["results"])
-    rows = []
-    for r in record["results"]:
-        for ph, v in (r.get("phases") or {"—": {}}).items():
-            rows.append({"case": r["case"], "phase": ph, **v, "error": r.get("error")})
-    print(common.table(rows, [("case", "case", ""), ("phase", "phase", ""), ("median ms", "ms", ".1f"),
-                              ("tokens/s", "tokens_per_s", ".4g"), ("peak alloc GB", "peak_alloc_gb", ".2f"),
-                              ("peak reserved GB", "peak_reserved_gb", ".2f"), ("error", "error", "")]))
+    print(_phase_table(record["results"]))
     for r in record["results"]:
         if "update_tflops" in r:
             print(f"{r['case']}: update {r['update_tflops']:.3g} useful TFLOP/s = "
@@ -571,7 +587,7 @@ def main(argv=None):
             print(common.table(r["profile_loss"][:12], cols))
     for t in record["targets"]:
         print(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} ({t['measured']})")
-    path = common.write("step", record, a.out)
+    path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
     from bench.plots import plot_record
     print(f"wrote {plot_record(record, path.with_suffix('.png'))}")

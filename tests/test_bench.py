@@ -145,3 +145,26 @@ def test_bench_lmhead_sweep_survives_failures(tmp_path, monkeypatch):
             "no result: all at N=192 (inputs: OutOfMemoryError); torch at N=96 (OutOfMemoryError)")
     finally:
         plt.close(fig)
+
+
+def test_bench_lmhead_interrupted_sweep_keeps_finished_n(tmp_path, monkeypatch):
+    """The JSON is rewritten after every N: a sweep killed at the third N (a stage time limit on the GPU
+    machine) keeps the first two; --profile puts each provider's top operators in its row."""
+    import pytest
+
+    import bench.bench_lmhead as B
+    make_inputs = B.make_inputs
+
+    def killed_at_192(N, *a):
+        if N == 192:
+            raise KeyboardInterrupt                          # not an Exception: nothing catches it
+        return make_inputs(N, *a)
+
+    monkeypatch.setattr(B, "make_inputs", killed_at_192)
+    with pytest.raises(KeyboardInterrupt):
+        B.main(["--tiny", "--sweep", "--providers", "torch", "--profile", "--out", str(tmp_path)])
+    [js] = tmp_path.glob("lmhead-cpu-*.json")
+    rows = json.loads(js.read_text())["results"]
+    assert sorted({r["N"] for r in rows}) == [48, 96] and all(r["error"] is None for r in rows)
+    for r in rows:
+        assert r["profile"] and any("mm" in p["op"] for p in r["profile"]), r.get("profile")

@@ -101,3 +101,38 @@ def test_step_plot_with_memory_and_a_failed_case(tmp_path):
     import matplotlib.pyplot as plt
     plt.close(fig)
     assert plot_record(rec, tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_step_case_peaks_leave_out_the_eager_peer():
+    """A case's peak is its own step's: the materialised-logits peer (loss_eager) only has its phase row."""
+    from bench.step import _summarise, targets
+    ph = lambda ms, gb: {"ms": ms, "peak_alloc_gb": gb, "peak_reserved_gb": gb + 1}
+    steps = [{"rollout": ph(10, 30.0), "logprobs": ph(5, 31.0), "loss_eager": ph(9, 70.0), "loss": ph(4, 40.0),
+              "optimizer": ph(1, 35.0)}]
+    out = _summarise(steps, {}, 1e12, {})
+    assert out["peak_alloc_gb"] == 40.0 and out["phases"]["loss_eager"]["peak_alloc_gb"] == 70.0
+    assert out["step_ms"] == 20
+    (t,) = targets([{"case": "exgrpo:lora", **out}])
+    assert t["met"] and t["measured"] == "peak allocated 40.0 GB, reserved 41.0 GB"
+
+
+def test_step_interrupted_run_keeps_finished_cases(tmp_path, monkeypatch):
+    """The JSON is rewritten after every case, so a run killed during a case (a stage time limit on the GPU
+    machine) keeps the cases before it."""
+    import bench.step as S
+    calls = []
+
+    def fake_case(argv, case, model_dir, timeout, echo):
+        calls.append((case, timeout))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"error": "RuntimeError: made up for the test"}
+
+    monkeypatch.setattr(S, "_case_in_subprocess", fake_case)
+    with pytest.raises(KeyboardInterrupt):
+        S.main(["--tiny", "--cases", "exgrpo:lora", "trl:lora", "--case-timeout", "123", "--out", str(tmp_path)])
+    [js] = tmp_path.glob("step-cpu-*.json")
+    rec = json.loads(js.read_text())
+    assert [r["case"] for r in rec["results"]] == ["exgrpo:lora"] and calls[0] == ("exgrpo:lora", 123.0)
+    assert rec["results"][0]["error"] == "RuntimeError: made up for the test"
+
