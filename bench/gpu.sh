@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU owes, on the device machine (its own torch/triton/transformers):
 #     bash bench/gpu.sh build tests sweep        # one call: the stage limits add up to 570 s
-#     STEP_ARGS="--cases exgrpo:lora trl-liger:lora" bash bench/gpu.sh step
+#     bash bench/gpu.sh step                     # exgrpo:lora and trl-liger:lora (STEP_ARGS to change)
+#     STEP_ARGS="--cases exgrpo:full trl-liger:full --steps 2" bash bench/gpu.sh step
 #     bash bench/gpu.sh profile                  # torch.profiler top operators of the fused loss at N=16k
 # (nsys is not on these machines' PATH; ncu is, see README "Profiling").
 # Carry .whl (made by bench/fetch_wheels.sh) for TRL, Liger and torchao. Everything printed goes to
@@ -44,7 +45,9 @@ for s in $STAGES; do
     tests) run tests 240 python3 -m pytest tests -m gpu -q -p no:cacheprovider ;;
     sweep) run sweep 210 python3 bench/bench_lmhead.py --sweep --reps 5 --out "$OUT" ;;
     # shellcheck disable=SC2086
-    step)  run step 570 python3 bench/step.py --out "$OUT" --model-dir /tmp/exgrpo-gemma7b-random ${STEP_ARGS:-} ;;
+    # default: the two LoRA cases the targets compare, 2 measured steps (all six cases do not fit one call)
+    step)  run step 570 python3 bench/step.py --out "$OUT" --model-dir /tmp/exgrpo-gemma7b-random \
+             ${STEP_ARGS:---cases exgrpo:lora trl-liger:lora --steps 2} ;;
     profile) run profile 240 python3 bench/bench_lmhead.py --n 16384 --op loss --providers triton cuda liger --reps 3 \
              --profile --no-plot --out "$OUT" ;;
     *) echo "unknown stage $s" | tee -a "$LOG"; RC[$s]=2 ;;
