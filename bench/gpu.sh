@@ -30,6 +30,7 @@ fi
   echo "CUDA_HOME=${CUDA_HOME:-unset}"
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
   # the carried peers and their dependencies, imported before any stage needs them (a mismatch shows here)
+  python3 -c "import importlib.metadata as m; print(*(f'{p} {m.version(p)}' for p in ('pyarrow', 'fsspec', 'huggingface-hub', 'pandas', 'accelerate')))"
   python3 -c "import trl, liger_kernel, torchao, datasets, peft; print('trl', trl.__version__, 'torchao', torchao.__version__, 'datasets', datasets.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee -a "$LOG"
 declare -A RC
