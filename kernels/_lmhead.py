@@ -292,8 +292,11 @@ def _scale_(t: torch.Tensor, g: torch.Tensor, block_bytes: int = 64 << 20) -> No
     if t.dtype == torch.float32:
         t.mul_(g)
         return
-    rows = max(1, block_bytes // max(1, 4 * t[0].numel())) if t.dim() else 1
-    for blk in (t.split(rows) if t.dim() else (t,)):
+    if t.dim() == 0 or t.numel() == 0:                      # a scalar, or no rows (nothing trained)
+        t.copy_(t.float().mul_(g))
+        return
+    rows = max(1, block_bytes // (4 * t[0].numel()))
+    for blk in t.split(rows):
         blk.copy_(blk.float().mul_(g))
 
 

@@ -206,10 +206,12 @@ def test_policy_loss_matches_spec(backend, reduction, off_policy):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_everything_masked_gives_zero_loss_and_gradient(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_everything_masked_gives_zero_loss_and_gradient(backend, dtype):
+    """No trained row (e.g. an FSDP padding micro-batch): zero loss and gradients, in bf16 too."""
     b = make_batch(3, 7, 16, 64, seed=1, sft=False)
     b["mask"][:] = False
-    lo, mo, dh, dW = fused(K.fused_exgrpo_loss, b, torch.float32, backend=backend)
+    lo, mo, dh, dW = fused(K.fused_exgrpo_loss, b, dtype, backend=backend, grad_scale=2.0)
     assert lo.item() == 0 and (dh == 0).all() and (dW == 0).all()
     assert mo["n_tokens"].item() == 0
 
