@@ -141,8 +141,10 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
     one = len(chunks) == 1                                      # one chunk: dW is one GEMM, rounded once
     dW = None
     if need_grad and need_dW:
-        dW = torch.empty(V, H, dtype=hidden.dtype, device=dev) if one else \
-            torch.zeros(V, H, dtype=torch.float32, device=dev)
+        if one:
+            dW = torch.empty(V, H, dtype=hidden.dtype, device=dev)
+        else:                                                   # no rows at all: zeros, no fp32 detour
+            dW = torch.zeros(V, H, dtype=torch.float32 if chunks else hidden.dtype, device=dev)
     cu = dev.type == "cuda"
     for lo, hi in chunks:
         h = hidden[lo:hi]
@@ -184,25 +186,31 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
     return lse, zt, ent
 
 
-# torch.addmm(..., out_dtype=fp32) from bf16/fp16 operands (CUDA): in torch since 2.8
-_MM_OUT_DTYPE = {"ok": tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)}
+# torch.addmm(acc_fp32, bf16, bf16, out_dtype=fp32) on CUDA: since torch 2.8, but 2.8/2.9 reject an fp32 `self`
+# with bf16/fp16 operands (pytorch#154086, relaxed for 2.10)
+_MM_OUT_DTYPE = {"ok": tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10)}
+_UPCAST_BLOCK_BYTES = 256 << 20
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b for an fp32 acc and bf16/fp16 a, b: the product is neither rounded to the operands' dtype
-    before the sum (a per-chunk rounding of dW) nor held as a [V, H] temporary. On CUDA cuBLAS writes fp32
-    straight into acc; elsewhere the chunk's operands are up-cast (n·(V + H) fp32, inside the chunk budget
-    that the torch epilogue's temporaries have already freed)."""
+    """acc += a @ b for an fp32 acc [V, H] and bf16/fp16 a [V, n], b [n, H]: the product is neither rounded to
+    the operands' dtype before the sum (a per-chunk rounding of dW) nor held as a [V, H] temporary. On CUDA
+    (torch >= 2.10) cuBLAS writes fp32 straight into acc; elsewhere a is up-cast a block of V rows at a
+    time (at most 256 MB of fp32), so the fallback stays within a small, fixed extra memory."""
     if _MM_OUT_DTYPE["ok"] and acc.device.type == "cuda":
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, NotImplementedError) as e:     # not in this build: say so once
             _MM_OUT_DTYPE["ok"] = False
             warnings.warn(f"torch.addmm(out_dtype=float32) failed ({type(e).__name__}: {e}); d_weight chunks are "
-                          "now up-cast to fp32 before their GEMM (slower, twice the chunk memory, same result)",
-                          stacklevel=2)
-    acc.addmm_(a.float(), b.float())
+                          "now up-cast to fp32 before their GEMM, in blocks (slower, same result)", stacklevel=2)
+    b32 = b.float()
+    rows = max(1, _UPCAST_BLOCK_BYTES // (4 * max(1, a.shape[1])))
+    for lo in range(0, a.shape[0], rows):
+        acc[lo:lo + rows].addmm_(a[lo:lo + rows].float(), b32)
 
 
 class TokenLogprobs(torch.autograd.Function):

@@ -88,10 +88,15 @@ def test_bf16_within_twice_eager_error(backend, softcap, chunk_mb):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_weight_grad_over_chunks_is_rounded_once(backend):
+@pytest.mark.parametrize("block_bytes", [None, 4096])
+def test_bf16_weight_grad_over_chunks_is_rounded_once(backend, block_bytes, monkeypatch):
     """Over several chunks d_weight adds each chunk's GEMM into fp32 unrounded and rounds once at the end,
     so it equals the one-chunk GEMM's bf16 result nearly everywhere (rounding each chunk's product to bf16
-    before the sum, as `acc += (xᵀh).float()` would, changes ~36 % of the elements here)."""
+    before the sum, as `acc += (xᵀh).float()` would, changes ~36 % of the elements here). block_bytes:
+    the CPU path's up-cast in blocks of vocabulary rows, forced to many blocks."""
+    if block_bytes is not None:
+        from exgrpo.kernels import _lmhead
+        monkeypatch.setattr(_lmhead, "_UPCAST_BLOCK_BYTES", block_bytes)
     h, W, t, g_lp, g_ent = make(64, 64, 2053, seed=3, ignore_frac=0.0)
     one = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.bfloat16, backend=backend)[3]
     many = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.bfloat16, backend=backend, chunk_mb=0.05)[3]
