@@ -11,6 +11,7 @@
 pip builds in an isolated environment that has no torch, so a CUDA build needs the installed torch:
     EXGRPO_BUILD_CUDA=1 pip install --no-build-isolation -e .
 """
+import glob
 import os
 import re
 import sys
@@ -47,11 +48,14 @@ def _why_not_cuda() -> str | None:
     if cpp_extension.CUDA_HOME is None:
         return "nvcc was not found (set CUDA_HOME)"
     home = cpp_extension.CUDA_HOME
-    if not os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+    include_dirs = [os.path.join(home, "include"), *glob.glob(os.path.join(home, "targets", "*", "include"))]
+    if os.environ.get("CUDA_INC_PATH"):                     # torch's cpp_extension honours it too
+        include_dirs.append(os.environ["CUDA_INC_PATH"])
+    if not any(os.path.exists(os.path.join(d, "cuda_runtime.h")) for d in include_dirs):
         # torch guesses CUDA_HOME as nvcc's grandparent, which is wrong for a wrapper script such as /usr/local/bin/nvcc
         source = "CUDA_HOME" if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") else "nvcc's location"
-        return (f"the CUDA toolkit folder {home} (from {source}) has no include/cuda_runtime.h: set CUDA_HOME to "
-                "the toolkit, e.g. CUDA_HOME=/usr/local/cuda")
+        return (f"the CUDA toolkit folder {home} (from {source}) has no include/cuda_runtime.h (nor "
+                "targets/*/include, nor CUDA_INC_PATH): set CUDA_HOME to the toolkit, e.g. CUDA_HOME=/usr/local/cuda")
     return None
 
 

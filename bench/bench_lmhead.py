@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -185,7 +184,10 @@ def main(argv=None):
                     row["peak_reserved_mb"] = (torch.cuda.max_memory_reserved() / 2**20
                                                if device.type == "cuda" else None)
                     if a.profile:
-                        row["profile"] = common.profile_top(fn, device, n=12)
+                        try:                                    # a profiler failure does not undo the timing
+                            row["profile"] = common.profile_top(fn, device, n=12)
+                        except Exception as e:
+                            row["profile_error"] = _error(e)
                 except Exception as e:                          # an OOM or a peer's failure is a result
                     row["error"] = _error(e)
                 if row["error"]:
@@ -196,7 +198,7 @@ def main(argv=None):
                 row["frac_of_matmul"] = row["tflops"] / mm
         del x
         _free(device)                                           # before the next N's inputs
-        path.write_text(json.dumps(record, indent=2))          # after every N: a killed sweep keeps what it measured
+        common.write_json(path, record)                        # after every N: a killed sweep keeps what it measured
         print(f"N={N}: " + ", ".join(f"{r['op']}/{r['provider']} " + (f"{r['median_ms']:.2f} ms" if not r["error"]
                                      else "error") for r in record["results"] if r["N"] == N), flush=True)
     order = lambda r: (OPS.index(r["op"]), PROVIDERS.index(r["provider"]), r["N"])
@@ -205,7 +207,7 @@ def main(argv=None):
         ("p10", "p10_ms", ".2f"), ("p90", "p90_ms", ".2f"), ("peak extra MiB", "peak_extra_mb", ".0f"),
         ("peak reserved MiB", "peak_reserved_mb", ".0f"), ("useful TFLOP/s", "tflops", ".3g"),
         ("of matmul", "frac_of_matmul", ".0%"), ("error", "error", "")]))
-    path.write_text(json.dumps(record, indent=2))
+    common.write_json(path, record)
     rates = {r["N"]: r["matmul_tflops"] for r in record["results"] if r["matmul_tflops"] is not None}
     print("\nmatmul rate measured at each N (TFLOP/s): " + ", ".join(f"{n}: {v:.3g}" for n, v in rates.items()))
     for r in record["results"]:

@@ -95,9 +95,16 @@ def result_path(name: str, record: dict, out_dir: Path | None = None) -> Path:
     return out_dir / f"{name}-{dev}-{stamp}.json"
 
 
+def write_json(path: Path, record: dict) -> None:
+    """Replace path's contents atomically: a kill mid-write leaves the previous version, not half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
 def write(name: str, record: dict, out_dir: Path | None = None) -> Path:
     path = result_path(name, record, out_dir)
-    path.write_text(json.dumps(record, indent=2))
+    write_json(path, record)
     return path
 
 

@@ -443,11 +443,45 @@ def run_case(a, case: str) -> dict:
     return run_trl(a, mode, liger=trainer == "trl-liger")
 
 
-def _case_in_subprocess(argv: list[str], case: str, model_dir: Path, timeout: float, echo: bool) -> dict:
-    """One case in a fresh process (its own CUDA context and peak memory). Its output is echoed to stderr
-    as it comes, prefixed with the case (echo=True), so a log shows how far a killed run got."""
+def _run_streamed(cmd: list[str], env: dict, timeout: float, prefix: str, echo: bool) -> tuple[int | None, list[str]]:
+    """Run cmd, echoing its merged output line by line to stderr as `[prefix] line` (echo=True); -> (exit
+    code, or None if it was killed at `timeout` seconds; its last 12 lines). Undecodable bytes are replaced,
+    never fatal (a reader that stops would leave the child blocked on a full pipe), and the child is killed
+    with this process's Ctrl-C or kill."""
     import collections
     import threading
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            encoding="utf-8", errors="replace")
+    tail = collections.deque(maxlen=12)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            if echo:
+                try:
+                    print(f"[{prefix}] {line.rstrip()}", file=sys.stderr, flush=True)
+                except (OSError, ValueError):
+                    pass
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    rc = None
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join(timeout=10)
+    return rc, list(tail)
+
+
+def _case_in_subprocess(argv: list[str], case: str, model_dir: Path, timeout: float, echo: bool) -> dict:
+    """One case in a fresh process (its own CUDA context and peak memory); its output is echoed as it comes,
+    so a log shows how far a killed run got."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "case.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--cases", case, "--model-dir", str(model_dir),
@@ -455,24 +489,9 @@ def _case_in_subprocess(argv: list[str], case: str, model_dir: Path, timeout: fl
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if not torch.cuda.is_available():                   # Triton kernels (exgrpo's, Liger's) interpreted
             env.setdefault("TRITON_INTERPRET", "1")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        tail = collections.deque(maxlen=12)
-
-        def pump():
-            for line in proc.stdout:
-                tail.append(line.rstrip())
-                if echo:
-                    print(f"[{case}] {line.rstrip()}", file=sys.stderr, flush=True)
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        rc, tail = _run_streamed(cmd, env, timeout, case, echo)
+        if rc is None:
             return {"error": f"timed out after {timeout:.0f} s (--case-timeout)"}
-        finally:
-            reader.join(timeout=10)
         if path.exists():
             return json.loads(path.read_text())
         return {"error": f"exit {rc}: " + " | ".join(tail)[-1500:]}
@@ -571,7 +590,7 @@ def main(argv=None):
             res["update_frac_of_matmul"] = res["update_tflops"] / mm
         record["results"].append(res)
         record["targets"] = targets(record["results"])
-        path.write_text(json.dumps(record, indent=2))       # after every case: a killed run keeps what it measured
+        common.write_json(path, record)                     # after every case: a killed run keeps what it measured
         print(_phase_table([res]), flush=True)
     record["targets"] = targets(record["results"])
     print(_phase_table(record["results"]))
@@ -587,7 +606,7 @@ def main(argv=None):
             print(common.table(r["profile_loss"][:12], cols))
     for t in record["targets"]:
         print(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} ({t['measured']})")
-    path.write_text(json.dumps(record, indent=2))
+    common.write_json(path, record)
     print(f"wrote {path}")
     from bench.plots import plot_record
     print(f"wrote {plot_record(record, path.with_suffix('.png'))}")

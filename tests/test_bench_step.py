@@ -136,3 +136,22 @@ def test_step_interrupted_run_keeps_finished_cases(tmp_path, monkeypatch):
     assert [r["case"] for r in rec["results"]] == ["exgrpo:lora"] and calls[0] == ("exgrpo:lora", 123.0)
     assert rec["results"][0]["error"] == "RuntimeError: made up for the test"
 
+
+def test_case_output_streaming_survives_bad_bytes_and_timeouts(capsys):
+    """A child's non-UTF-8 bytes and 1 MB of output neither stop the reader nor block the child on a full
+    pipe; its lines are echoed with the case's name; a child past its time limit is killed (rc None)."""
+    import os
+    import time
+
+    from bench.step import _run_streamed
+    noisy = ("import sys; sys.stdout.buffer.write(b'bad \\xff\\xfe byte\\n'); "
+             "[print('x' * 1000) for _ in range(1000)]; print('done')")
+    t0 = time.time()
+    rc, tail = _run_streamed([sys.executable, "-c", noisy], dict(os.environ), 60, "case:x", echo=True)
+    assert rc == 0 and tail[-1] == "done" and time.time() - t0 < 30
+    err = capsys.readouterr().err
+    assert "[case:x] bad \ufffd\ufffd byte" in err and err.count("[case:x] x") == 1000
+    rc, tail = _run_streamed([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                             dict(os.environ), 3, "case:y", echo=False)
+    assert rc is None and tail == ["started"]
+

@@ -188,6 +188,16 @@ def test_setup_names_a_toolkit_folder_without_headers(monkeypatch, capsys, tmp_p
     assert kw == {} and f"{tmp_path} (from nvcc's location) has no include/cuda_runtime.h" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="cannot be built: the CUDA toolkit folder .* set CUDA_HOME"):
         run_setup(monkeypatch, "1")
+    inc = tmp_path / "elsewhere"                            # CUDA_INC_PATH, which torch also honours
+    inc.mkdir()
+    (inc / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("CUDA_INC_PATH", str(inc))
+    assert "ext_modules" in run_setup(monkeypatch, "1")[1]
+    monkeypatch.delenv("CUDA_INC_PATH")
+    conda = tmp_path / "targets" / "x86_64-linux" / "include"   # conda's CUDA 12+ layout
+    conda.mkdir(parents=True)
+    (conda / "cuda_runtime.h").write_text("")
+    assert "ext_modules" in run_setup(monkeypatch, "1")[1]
 
 
 def test_cuda_backend_reports_why_it_is_unavailable():
