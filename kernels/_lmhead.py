@@ -172,9 +172,7 @@ def _sweep(hidden, weight, targets, epi, *, inv_temp, softcap, budget, want_entr
                 torch.mm(x, weight, out=dh[lo:hi])              # [n, H]
             if dW is not None and one:
                 torch.mm(x.T, h, out=dW)
-            elif dW is not None and dW.dtype == x.dtype:
-                dW.addmm_(x.T, h)
-            elif dW is not None:                                # bf16/fp16 chunks, fp32 accumulation
+            elif dW is not None:                                # several chunks: fp32 accumulation
                 _addmm_fp32_(dW, x.T, h)
     if dW is not None:
         buf = x = None
@@ -197,6 +195,9 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     the operands' dtype before the sum (a per-chunk rounding of dW) nor held as a [V, H] temporary. On CUDA
     (torch >= 2.10) cuBLAS writes fp32 straight into acc; elsewhere a is up-cast a block of V rows at a
     time (at most 256 MB of fp32), so the fallback stays within a small, fixed extra memory."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
     if _MM_OUT_DTYPE["ok"] and acc.device.type == "cuda":
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -295,16 +296,12 @@ class FusedLoss(torch.autograd.Function):
 
 
 def _scale_(t: torch.Tensor, g: torch.Tensor, block_bytes: int = 64 << 20) -> None:
-    """t *= g in place, computed in fp32 over row blocks: a bf16 copy of g would bias the whole gradient
+    """t *= g in place, computed in fp32 over blocks: a bf16 copy of g would bias the whole gradient
     by up to 2⁻⁹, and an fp32 copy of a [V, H] gradient would cost what holding it in bf16 saved."""
     if t.dtype == torch.float32:
         t.mul_(g)
         return
-    if t.dim() == 0 or t.numel() == 0:                      # a scalar, or no rows (nothing trained)
-        t.copy_(t.float().mul_(g))
-        return
-    rows = max(1, block_bytes // (4 * t[0].numel()))
-    for blk in t.split(rows):
+    for blk in t.view(-1).split(block_bytes // 4):          # t is a fresh, contiguous gradient
         blk.copy_(blk.float().mul_(g))
 
 
