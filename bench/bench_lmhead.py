@@ -213,8 +213,7 @@ def main(argv=None):
     for r in record["results"]:
         if r.get("profile"):
             print(f"\n{r['op']} / {r['provider']} at N={r['N']}: top operators by self time")
-            print(common.table(r["profile"], [("op", "op", ""), ("calls", "calls", "d"), ("self ms", "self_ms", ".2f"),
-                                              ("total ms", "total_ms", ".2f")]))
+            print(common.profile_table(r["profile"]))
     print(f"wrote {path}")
     if a.plot:
         from bench.plots import plot_sweep

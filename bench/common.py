@@ -102,12 +102,6 @@ def write_json(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def write(name: str, record: dict, out_dir: Path | None = None) -> Path:
-    path = result_path(name, record, out_dir)
-    write_json(path, record)
-    return path
-
-
 def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """Markdown table; cols = (header, key, format)."""
     fmt = lambda v, f: "—" if v is None else (format(v, f) if f else str(v))
@@ -130,3 +124,9 @@ def profile_top(fn, device, n: int = 25) -> list[dict]:
     events = sorted(prof.key_averages(), key=self_us, reverse=True)[:n]
     return [{"op": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3, "total_ms": total_us(e) / 1e3}
             for e in events]
+
+
+def profile_table(top: list[dict]) -> str:
+    """profile_top's rows as a table."""
+    return table(top, [("op", "op", ""), ("calls", "calls", "d"), ("self ms", "self_ms", ".2f"),
+                       ("total ms", "total_ms", ".2f")])

@@ -579,7 +579,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
     record = {"bench": "step", "machine": common.machine(), "args": {k: v for k, v in vars(a).items()
                                                                     if k not in ("case_json",)},
-              "matmul_tflops": mm, "results": []}
+              "matmul_tflops": mm, "results": [], "targets": []}
     child_argv = _without(argv, {"--cases", "--model-dir", "--out"})
     path = common.result_path("step", record, a.out)
     from tqdm import tqdm
@@ -592,7 +592,6 @@ def main(argv=None):
         record["targets"] = targets(record["results"])
         common.write_json(path, record)                     # after every case: a killed run keeps what it measured
         print(_phase_table([res]), flush=True)
-    record["targets"] = targets(record["results"])
     print(_phase_table(record["results"]))
     for r in record["results"]:
         if "update_tflops" in r:
@@ -601,9 +600,7 @@ def main(argv=None):
     for r in record["results"]:
         if r.get("profile_loss"):
             print(f"\n{r['case']}: loss phase, top operators by self time")
-            cols = [("op", "op", ""), ("calls", "calls", "d"), ("self ms", "self_ms", ".2f"),
-                    ("total ms", "total_ms", ".2f")]
-            print(common.table(r["profile_loss"][:12], cols))
+            print(common.profile_table(r["profile_loss"][:12]))
     for t in record["targets"]:
         print(f"target {'MET' if t['met'] else 'MISSED'}: {t['target']} ({t['measured']})")
     common.write_json(path, record)
