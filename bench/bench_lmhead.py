@@ -126,10 +126,6 @@ def step_fn(provider, op, x, beta=0.04):
     return run
 
 
-def _error(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-
-
 def _free(device):
     """Give back what a failed or finished provider left in the CUDA cache (called outside the except block, so
     the traceback's frames, which hold its tensors, are already gone)."""
@@ -161,7 +157,7 @@ def main(argv=None):
             N = x["N"]
             mm = common.matmul_tflops(N, a.h, a.v, dtype, device, warmup=a.warmup, reps=max(3, a.reps))
         except Exception as e:                                  # inputs or the GEMM do not fit: every row says so
-            setup_error = f"inputs: {_error(e)}"
+            setup_error = f"inputs: {common.error_text(e)}"
         for op in ops:
             for prov in a.providers:
                 row = {"op": op, "provider": prov, "N": N, "H": a.h, "V": a.v, "dtype": a.dtype,
@@ -187,9 +183,9 @@ def main(argv=None):
                         try:                                    # a profiler failure does not undo the timing
                             row["profile"] = common.profile_top(fn, device, n=12)
                         except Exception as e:
-                            row["profile_error"] = _error(e)
+                            row["profile_error"] = common.error_text(e)
                 except Exception as e:                          # an OOM or a peer's failure is a result
-                    row["error"] = _error(e)
+                    row["error"] = common.error_text(e)
                 if row["error"]:
                     _free(device)                               # an OOM at large N must not sink the next provider
                     continue
@@ -216,8 +212,8 @@ def main(argv=None):
             print(common.profile_table(r["profile"]))
     print(f"wrote {path}")
     if a.plot:
-        from bench.plots import plot_sweep
-        print(f"wrote {plot_sweep(record, path.with_suffix('.png'))}")
+        from bench.plots import plot_record
+        print(f"wrote {plot_record(record, path.with_suffix('.png'))}")
     return record
 
 

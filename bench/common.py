@@ -110,6 +110,11 @@ def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def error_text(e: BaseException, limit: int = 300) -> str:
+    """A failure as one line for a result row: "Type: first line of the message" (cut at `limit`)."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:limit]}"
+
+
 def profile_top(fn, device, n: int = 25) -> list[dict]:
     """Run fn once under torch.profiler; the n operators with the most self time (device time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile

@@ -31,10 +31,14 @@ def _reason(err: str) -> str:
     return ": ".join(parts[:2]) if parts[0] == "inputs" else parts[0]
 
 
+def _commit(machine: dict) -> str:
+    return (machine.get("commit") or "unknown commit") + ("+dirty" if machine.get("dirty") else "")
+
+
 def title(record: dict) -> str:
     m, r0, a = record.get("machine", {}), record["results"][0], record.get("args", {})
     dev = m.get("gpu") or ("CPU, Triton interpreted" if m.get("triton_interpret") else "CPU")
-    commit = (m.get("commit") or "unknown commit") + ("+dirty" if m.get("dirty") else "")
+    commit = _commit(m)
     return (f"LM head forward+backward vs N — {dev} · {r0.get('dtype', a.get('dtype'))} · H={r0.get('H', a.get('h'))} "
             f"· V={r0.get('V', a.get('v'))} · {commit}")
 
@@ -115,11 +119,6 @@ def sweep_figure(record: dict):
     return fig
 
 
-def plot_sweep(record: dict, path: Path) -> Path:
-    """Draw `record` (bench_lmhead's JSON) to the PNG `path`."""
-    return plot_record(record, path)
-
-
 STEP_PHASES = ("rollout", "logprobs", "loss", "optimizer")
 
 
@@ -171,7 +170,7 @@ def step_figure(record: dict):
         ax_m.set_xticks([])
     m, a = record.get("machine", {}), record.get("args", {})
     dev = m.get("gpu") or "CPU"
-    commit = (m.get("commit") or "unknown commit") + ("+dirty" if m.get("dirty") else "")
+    commit = _commit(m)
     fig.suptitle(f"one ExGRPO step — {dev} · hidden {a.get('shape', {}).get('hidden_size')} · "
                  f"{a.get('questions')}×2×{a.get('group')} trajectories of {a.get('prompt_len')}/"
                  f"{a.get('partial_len')}+{a.get('completion')} tokens · {commit}", fontsize=10)

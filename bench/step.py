@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402  (the repo root on the path first)
 
 GEMMA_7B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
                 head_dim=256, intermediate_size=24576, vocab_size=256000)
@@ -264,7 +265,7 @@ def run_exgrpo(a, mode: str) -> dict:
                 info["grad_norm_eager"] = float(torch.nn.utils.get_total_norm(
                     [p.grad for p in policy.parameters() if p.grad is not None]))
             except torch.OutOfMemoryError as e:
-                info["loss_eager_error"] = f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"
+                info["loss_eager_error"] = common.error_text(e, 200)
                 eager = None
             opt.zero_grad(set_to_none=True)
             if a.device_type == "cuda":
@@ -283,7 +284,6 @@ def run_exgrpo(a, mode: str) -> dict:
         info["loss"] = m["loss"]
     if a.profile:                                           # outside the timed steps: the profiler costs time
         opt.zero_grad(set_to_none=True)
-        from bench import common
         info["profile_loss"] = common.profile_top(lambda: loss_and_backward(policy, mbs, seqs, **loss_kw), dev)
         opt.zero_grad(set_to_none=True)
     lens = [len(s.ids) for s in seqs]
@@ -405,10 +405,13 @@ def run_trl(a, mode: str, liger: bool) -> dict:
 
 # ============================================================================= reporting
 
+def _peaks(recs) -> dict:
+    """The highest allocated / reserved peak over these phase records (None where not measured: CPU)."""
+    return {k: None if recs[0][k] is None else max(r[k] for r in recs) for k in ("peak_alloc_gb", "peak_reserved_gb")}
+
+
 def _combine(*recs) -> dict:
-    peak = lambda k: None if recs[0][k] is None else max(r[k] for r in recs)
-    return {"ms": sum(r["ms"] for r in recs), "peak_alloc_gb": peak("peak_alloc_gb"),
-            "peak_reserved_gb": peak("peak_reserved_gb")}
+    return {"ms": sum(r["ms"] for r in recs), **_peaks(recs)}
 
 
 def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) -> dict:
@@ -420,8 +423,7 @@ def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) 
     for name in sorted({k for s in steps for k in s}, key=lambda k: PHASES.index(k) if k in PHASES else -1):
         recs = [s[name] for s in steps if name in s]
         ms = statistics.median(r["ms"] for r in recs)
-        row = {"ms": ms, "peak_alloc_gb": recs[0]["peak_alloc_gb"] and max(r["peak_alloc_gb"] for r in recs),
-               "peak_reserved_gb": recs[0]["peak_reserved_gb"] and max(r["peak_reserved_gb"] for r in recs)}
+        row = {"ms": ms, **_peaks(recs)}
         if name in work:
             row["tokens"], row["tokens_kind"] = work[name]
             row["tokens_per_s"] = row["tokens"] / (ms * 1e-3)
@@ -538,7 +540,6 @@ def targets(results: list[dict]) -> list[dict]:
 
 
 def _phase_table(results: list[dict]) -> str:
-    from bench import common
     rows = []
     for r in results:
         for ph, v in (r.get("phases") or {"—": {}}).items():
@@ -558,11 +559,10 @@ def main(argv=None):
         try:
             res = run_case(a, case)
         except Exception as e:                              # an OOM or a peer's failure is a result
-            res = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"}
+            res = {"error": common.error_text(e, 500)}
         Path(a.case_json).write_text(json.dumps(res))
         return res
 
-    from bench import common
     dev = torch.device(a.device_type)
     scratch = None if a.model_dir else tempfile.TemporaryDirectory(prefix="exgrpo-step-model-")
     if scratch is not None:

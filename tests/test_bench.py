@@ -93,7 +93,7 @@ def test_plot_sweep_gaps_and_memory(tmp_path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from bench.plots import plot_sweep, sweep_figure
+    from bench.plots import plot_record, sweep_figure
     rec = _gpu_record()
     fig = sweep_figure(rec)
     try:
@@ -113,7 +113,7 @@ def test_plot_sweep_gaps_and_memory(tmp_path):
             assert not any("not measured" in t.get_text() for t in ax_m.texts)
     finally:
         plt.close(fig)
-    _png(plot_sweep(rec, tmp_path / "gpu.png"))
+    _png(plot_record(rec, tmp_path / "gpu.png"))
 
 
 def test_bench_lmhead_sweep_survives_failures(tmp_path, monkeypatch):
