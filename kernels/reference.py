@@ -41,12 +41,14 @@ def _std_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def exgrpo_advantages_ref(outcome, is_full, *, delta=0.5, nu=1.0, eps=1e-6, scale="group",
-                          group_by="question"):
-    """METHOD.md Stage 3 steps 4-5, one question at a time in plain Python loops.
+                          group_by="question", dtype=torch.float64):
+    """docs/method.md, steps 4-5 of ExGRPO, one question at a time in plain Python loops.
 
-    correct := outcome >= 1. P_partial is 0 for a question with no partial trajectory.
+    correct := outcome >= 1. P_partial is 0 for a question with no partial trajectory. `dtype` is the
+    precision of the arithmetic: float64 is the truth; the tests also run it in float32, as the eager peer
+    whose error bounds the kernels'.
     """
-    outcome = outcome.double()
+    outcome = outcome.to(dtype)
     Q, G = outcome.shape
     total = outcome.clone()
     fired = torch.zeros(Q, dtype=torch.bool)

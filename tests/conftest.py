@@ -10,6 +10,10 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+# Every kernel test body runs on each of these, on CPU tensors: "triton" in the interpreter, "cuda"
+# through the host emulation of csrc/ (tests/_emulation.py). On CUDA tensors: tests/test_csrc_gpu.py.
+KERNEL_BACKENDS = ("torch", "triton", "cuda")
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -18,6 +22,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def emulation_lib(tmp_path_factory):
+    """csrc/host_emulation.cu compiled with nvcc as a host library (once per session)."""
+    import _emulation
+    if _emulation.NVCC is None:
+        pytest.skip("nvcc not found: the CUDA backend's host emulation cannot be built")
+    return _emulation.build(tmp_path_factory.mktemp("emu"))
+
+
+@pytest.fixture
+def emulated(emulation_lib, monkeypatch):
+    """backend="cuda" on CPU tensors, with the emulation standing in for exgrpo._C."""
+    import _emulation
+    from exgrpo.kernels import _backends, cuda_backend
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: _emulation.EmulatedOps(emulation_lib))
+    monkeypatch.setattr(cuda_backend, "unavailable_reason", lambda device: None)
+    _backends._CACHE.pop("cuda", None)
+    yield
+    _backends._CACHE.pop("cuda", None)
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    """A kernel backend that runs on CPU tensors here (skipped, saying why, where it cannot)."""
+    name = request.param
+    if name == "cuda":
+        request.getfixturevalue("emulated")
+        return name
+    from exgrpo.kernels import available
+    why = available("cpu")[name]
+    if why is not None:
+        pytest.skip(f"backend {name!r} on CPU tensors: {why}")
+    return name
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,10 @@
-"""exgrpo_advantages: the DSU bonus and group-relative normalisation against the float64 loop spec."""
+"""exgrpo_advantages: the DSU bonus and group-relative normalisation against the float64 loop spec,
+every backend (the `backend` fixture), within 2x the spec's own error in float32."""
 import exgrpo.kernels as K
 import pytest
 import torch
+from _helpers import assert_like_eager
 from exgrpo.kernels import reference as R
-
-BACKENDS = ["torch", "triton"]
 
 
 def random_case(Q, G, seed, p_full=0.5):
@@ -16,22 +16,21 @@ def random_case(Q, G, seed, p_full=0.5):
     return outcome, is_full
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("group_by", ["question", "scenario"])
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
-@pytest.mark.parametrize("Q,G", [(7, 16), (5, 11), (3, 1), (4, 2)])
+@pytest.mark.parametrize("Q,G", [(7, 16), (5, 11), (3, 1), (4, 2), (2, 1500)])
 def test_matches_spec(backend, group_by, scale, Q, G):
     outcome, is_full = random_case(Q, G, seed=Q * 100 + G)
     kw = dict(delta=0.5, nu=1.0, eps=1e-6, scale=scale, group_by=group_by)
     a_r, t_r, f_r = R.exgrpo_advantages_ref(outcome, is_full, **kw)
+    a_e, t_e, _ = R.exgrpo_advantages_ref(outcome, is_full, dtype=torch.float32, **kw)
     a, t, f = K.exgrpo_advantages(outcome, is_full, backend=backend, **kw)
     assert a.dtype == torch.float32 and t.dtype == torch.float32 and f.dtype == torch.bool
     assert torch.equal(f, f_r)
-    torch.testing.assert_close(t.double(), t_r, rtol=0, atol=1e-6)
-    torch.testing.assert_close(a.double(), a_r, rtol=1e-5, atol=1e-5)
+    assert torch.equal(t.double(), t_r), "totals are R_base + delta: exact in fp32"
+    assert_like_eager(a, a_r, a_e, f"{backend} advantages")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_degenerate_groups_get_zero(backend):
     outcome = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
     is_full = torch.tensor([[False] * 4, [True, True, False, False], [True, False, True, False]])
@@ -47,9 +46,10 @@ def test_degenerate_groups_get_zero(backend):
     # a group of one
     a1, _, _ = K.exgrpo_advantages(torch.tensor([[1.0]]), torch.tensor([[True]]), backend=backend)
     assert a1.item() == 0.0
+    a1, _, _ = K.exgrpo_advantages(torch.tensor([[1.0]]), torch.tensor([[True]]), eps=0.0, backend=backend)
+    assert a1.item() == 0.0, "a group of one with eps = 0 is 0, not 0/0"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bonus_ranks_full_above_partial(backend):
     """Pooled over the question, a correct full-dialogue answer outranks a correct partial one;
     normalised per scenario, the bonus is invisible (METHOD.md step 5's argument)."""
@@ -65,7 +65,6 @@ def test_bonus_ranks_full_above_partial(backend):
     torch.testing.assert_close(a_s, a_s0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_nu_raises_the_bar(backend):
     outcome = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0, 0.0]])
     is_full = torch.tensor([[True, True, True, False, False, False]])                 # 2/3 vs 1/3

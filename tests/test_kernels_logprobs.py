@@ -1,11 +1,13 @@
-"""token_logprobs against the float64 spec: values and both gradients, every backend, ugly shapes."""
+"""token_logprobs against the float64 spec: values and both gradients, every backend (the `backend`
+fixture: torch, triton interpreted, cuda emulated), ugly shapes, fp32/bf16/fp16 alike bounded by the
+spec's own error in eager PyTorch at that precision."""
 import exgrpo.kernels as K
 import pytest
 import torch
-from _helpers import assert_like_eager, assert_rel
+from _helpers import assert_all_like_eager, assert_like_eager
 from exgrpo.kernels import reference as R
 
-BACKENDS = ["torch", "triton"]
+NAMES = ("logp", "entropy", "d_hidden", "d_weight")
 
 
 def make(N, H, V, *, seed, ignore_frac=0.2, scale=1.0):
@@ -28,6 +30,15 @@ def run(fn, h, W, t, g_lp, g_ent, dtype, **kw):
     return lp.detach(), ent.detach(), h.grad, W.grad
 
 
+def versus_spec(backend, case, dtype, label, chunk_mb=None, **kw):
+    """The kernel at `dtype` against the float64 spec, within 2x the spec's own error at `dtype`."""
+    ref = run(R.token_logprobs_ref, *case, torch.float64, **kw)
+    eager = run(R.token_logprobs_ref, *case, dtype, **kw)
+    out = run(K.token_logprobs, *case, dtype, backend=backend, chunk_mb=chunk_mb, **kw)
+    assert_all_like_eager(NAMES, out, ref, eager, f"{backend} {dtype} {label}")
+    return out
+
+
 CASES = [
     # N, H, V, temperature, softcap
     (37, 48, 1031, 1.0, None),        # odd sizes, V not a multiple of any block
@@ -37,57 +48,39 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,H,V,temperature,softcap", CASES)
 def test_fp32_matches_float64_spec(backend, N, H, V, temperature, softcap):
     h, W, t, g_lp, g_ent = make(N, H, V, seed=N * 1000 + V)
-    kw = dict(temperature=temperature, softcap=softcap)
-    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64, **kw)
-    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend, **kw)
-    for name, o, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref):
-        assert_rel(o, r, 1e-5, f"{backend} {name}")
+    out = versus_spec(backend, (h, W, t, g_lp, g_ent), torch.float32, f"N={N} V={V}", temperature=temperature,
+                      softcap=softcap)
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
     ignored = t == -100
     assert (out[0][ignored] == 0).all() and (out[1][ignored] == 0).all()
     assert (out[2][ignored] == 0).all(), "ignored positions must get no gradient"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_chunking_does_not_change_the_result(backend):
     """A budget that fits a few rows forces many chunks and a ragged last one."""
-    h, W, t, g_lp, g_ent = make(53, 24, 1500, seed=7)
-    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64)
-    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend, chunk_mb=0.1)
-    for name, o, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref):
-        assert_rel(o, r, 1e-5, f"{backend} chunked {name}")
+    versus_spec(backend, make(53, 24, 1500, seed=7), torch.float32, "chunked", chunk_mb=0.1)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_real_vocabulary(backend):
-    """Gemma's V = 256000 with a few rows: the online log-sum-exp over many blocks."""
+    """Gemma's V = 256000 with a few rows: the online log-sum-exp over many blocks. (d_hidden sums 256000
+    products after cancellation: its fp32 error is BLAS-dependent, 1e-5..7e-5 relative on the machines
+    seen, which is why every bound here is eager's error, not a constant.)"""
     h, W, t, g_lp, g_ent = make(6, 32, 256000, seed=11, ignore_frac=0.0)
     t[2] = 255999                                                   # the last vocabulary entry
-    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64)
-    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend)
-    for name, o, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref):
-        assert_rel(o, r, 1e-5, f"{backend} V=256000 {name}")
+    versus_spec(backend, (h, W, t, g_lp, g_ent), torch.float32, "V=256000")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("softcap,chunk_mb", [(None, None), (4.0, None), (None, 0.5)])
 def test_bf16_within_twice_eager_error(backend, softcap, chunk_mb):
     """One chunk: dW is one bf16 GEMM; chunk_mb=0.5 (several chunks): dW accumulates in fp32."""
-    h, W, t, g_lp, g_ent = make(45, 64, 2053, seed=3)
-    kw = dict(temperature=0.9, softcap=softcap)
-    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64, **kw)
-    eager = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.bfloat16, **kw)
-    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.bfloat16, backend=backend, chunk_mb=chunk_mb, **kw)
+    out = versus_spec(backend, make(45, 64, 2053, seed=3), torch.bfloat16, "", chunk_mb=chunk_mb, temperature=0.9,
+                      softcap=softcap)
     assert out[2].dtype == torch.bfloat16 and out[3].dtype == torch.bfloat16
-    for name, o, e, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, eager, ref):
-        assert_like_eager(o, r, e, f"{backend} bf16 {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_bytes", [None, 4096])
 def test_bf16_weight_grad_over_chunks_is_rounded_once(backend, block_bytes, monkeypatch):
     """Over several chunks d_weight adds each chunk's GEMM into fp32 unrounded and rounds once at the end,
@@ -104,17 +97,11 @@ def test_bf16_weight_grad_over_chunks_is_rounded_once(backend, block_bytes, monk
     assert differ < 1e-3, f"{differ:.2%} of d_weight differs between 1 chunk and several"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16(backend):
-    h, W, t, g_lp, g_ent = make(19, 32, 999, seed=5)
-    ref = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float64)
-    eager = run(R.token_logprobs_ref, h, W, t, g_lp, g_ent, torch.float16)
-    out = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float16, backend=backend)
-    for name, o, e, r in zip(("logp", "entropy", "d_hidden", "d_weight"), out, eager, ref):
-        assert_like_eager(o, r, e, f"{backend} fp16 {name}")
+    out = versus_spec(backend, make(19, 32, 999, seed=5), torch.float16, "")
+    assert out[2].dtype == torch.float16 and out[3].dtype == torch.float16
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_tied_embedding_gets_both_gradients(backend):
     """Gemma ties the LM head to the input embedding: its gradient is the sum of both uses."""
     g = torch.Generator().manual_seed(21)
@@ -132,14 +119,12 @@ def test_tied_embedding_gets_both_gradients(backend):
         lp.double().sum().backward()
         return lp.detach(), emb.grad
 
-    lp_r, g_r = step(R.token_logprobs_ref, torch.float64)
-    lp_o, g_o = step(K.token_logprobs, torch.float32, backend=backend)
-    assert lp_o.shape == (B, L)
-    assert_rel(lp_o, lp_r, 1e-5, "logp")
-    assert_rel(g_o, g_r, 1e-5, "tied embedding grad")
+    ref, eager = step(R.token_logprobs_ref, torch.float64), step(R.token_logprobs_ref, torch.float32)
+    out = step(K.token_logprobs, torch.float32, backend=backend)
+    assert out[0].shape == (B, L)
+    assert_all_like_eager(("logp", "tied embedding grad"), out, ref, eager, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_targets_ignored(backend):
     h, W, t, g_lp, g_ent = make(4, 8, 50, seed=2, ignore_frac=1.0)
     lp, ent, dh, dW = run(K.token_logprobs, h, W, t, g_lp, g_ent, torch.float32, backend=backend)
@@ -150,7 +135,8 @@ def test_leading_dims_and_logp_only():
     h, W, t, g_lp, _ = make(24, 16, 300, seed=9)
     out = K.token_logprobs(h.float().reshape(2, 3, 4, 16), W.float(), t.reshape(2, 3, 4))
     assert out.shape == (2, 3, 4)
-    assert_rel(out.reshape(-1), R.token_logprobs_ref(h, W, t), 1e-5, "logp [2,3,4]")
+    assert_like_eager(out.reshape(-1), R.token_logprobs_ref(h, W, t), R.token_logprobs_ref(h.float(), W.float(), t),
+                      "logp [2,3,4]")
 
 
 @pytest.mark.gpu
