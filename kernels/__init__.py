@@ -116,7 +116,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_
                 weights=None, sft_mask=None, aux_coef=0.0, reduction="token_mean", backend="auto"):
     """Token-level clipped surrogate − β·KL(k3) + aux_coef·NLL on sft_mask. Returns (loss, metrics).
 
-    logp, old_logp, ref_logp, mask, sft_mask: [B, L]; advantages [B]; weights [B] or [B, L].
+    logp, old_logp, ref_logp, mask, sft_mask: [B, L]; advantages [B] or [B, L] (per token, for rows that
+    pack several sequences); weights [B] or [B, L].
     old_logp=None: on-policy (ratio 1, gradient intact). ref_logp=None or beta=0: no KL.
     reduction: "token_mean" Σmℓ/max(1,Σm), "seq_mean" mean over sequences with a token of Σmℓ/Σm,
     "constant" Σmℓ/(B·L). Metrics: clip_frac_low/high, kl, ratio, aux_nll, n_tokens, n_sft_tokens.

@@ -84,7 +84,8 @@ def check_loss_inputs(logp_shape, device, mask, advantages, old_logp, ref_logp, 
     _need(tuple(mask.shape) == (B, L), f"mask shape {tuple(mask.shape)} must be {(B, L)}")
     _need(isinstance(advantages, torch.Tensor) and advantages.dtype.is_floating_point,
           "advantages must be a floating tensor", TypeError)
-    _need(tuple(advantages.shape) == (B,), f"advantages shape {tuple(advantages.shape)} must be ({B},)")
+    _need(tuple(advantages.shape) in ((B,), (B, L)),
+          f"advantages shape {tuple(advantages.shape)} must be ({B},) or {(B, L)}")
     tensors = {"mask": mask, "advantages": advantages}
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is None:

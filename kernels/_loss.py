@@ -79,7 +79,8 @@ def prepare_terms(mask, advantages, old_logp, ref_logp, weights, sft_mask, spec:
     flat = lambda t: None if t is None else t.detach().reshape(-1).float()
     use_ref = ref_logp is not None and spec.beta != 0
     return TokenTerms(
-        adv=advantages.detach().float().unsqueeze(-1).expand(B, L).reshape(-1),
+        adv=(advantages if advantages.dim() == 2 else advantages.unsqueeze(-1)).detach().float().expand(B, L)
+        .reshape(-1),
         scale=scale, aux=aux, old=flat(old_logp), ref=flat(ref_logp) if use_ref else None,
         mask=mask.reshape(-1), sft=None if sft_mask is None else sft_mask.reshape(-1),
         n_tokens=n_tok, n_sft=n_sft,

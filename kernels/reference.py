@@ -80,12 +80,14 @@ def policy_loss_ref(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, 
                     weights=None, sft_mask=None, aux_coef=0.0, reduction="token_mean"):
     """Clipped surrogate + k3 KL + teacher-forced auxiliary NLL, exactly as the issue writes it.
 
-    logp, old_logp, ref_logp, mask, sft_mask: [B, L]; advantages: [B]; weights: [B] or [B, L].
+    logp, old_logp, ref_logp, mask, sft_mask: [B, L]; advantages: [B] (one per sequence) or [B, L] (one
+    per token: packed rows hold several sequences); weights: [B] or [B, L].
     """
     B, L = logp.shape
     m = mask.to(logp.dtype)
     old = logp.detach() if old_logp is None else old_logp
-    A = advantages.to(logp.dtype).unsqueeze(-1)                 # [B, 1]
+    A = advantages.to(logp.dtype)
+    A = A if A.dim() == 2 else A.unsqueeze(-1)                  # [B, L] or [B, 1]
     ratio = torch.exp(logp - old)
     pg = -torch.minimum(ratio * A, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * A)
     if ref_logp is None or beta == 0:

@@ -254,3 +254,21 @@ def test_no_grad_evaluation_matches():
     assert_like_eager(lo, lr, le, "loss under no_grad",
                       propagated=loss_error_from_logprobs(b, torch.float32, aux_coef=0.1))
     assert_metrics_like_eager(mo, mr, me, "no_grad")
+
+
+def test_per_token_advantages_equal_per_sequence(backend):
+    """advantages [B, L] (packed rows: several sequences, each with its own advantage, in one row) give what
+    the same values as [B] give, in loss, metrics and both gradients; and the spec agrees."""
+    b = make_batch(4, 19, 24, 389, seed=41, weights="token")
+    kw = dict(reduction="token_mean", aux_coef=0.1, beta=0.04, backend=backend)
+    per_seq = fused(K.fused_exgrpo_loss, b, torch.float32, **kw)
+    per_tok = fused(K.fused_exgrpo_loss, dict(b, adv=b["adv"][:, None].expand(4, 19).contiguous()), torch.float32,
+                    **kw)
+    for name, x, y in zip(("loss", "d_hidden", "d_weight"), (per_seq[0], *per_seq[2:]), (per_tok[0], *per_tok[2:])):
+        assert torch.equal(x, y), name
+    for k in per_seq[1]:
+        assert torch.equal(per_seq[1][k], per_tok[1][k]), k
+    # a different advantage per token reaches the spec's loss as such
+    adv_tok = torch.randn(4, 19, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    b2 = dict(b, adv=adv_tok)
+    versus_spec(backend, b2, torch.float32, "per-token advantages", reduction="token_mean", aux_coef=0.1, beta=0.04)
