@@ -43,7 +43,7 @@ cudaError_t launch_lmhead_stats_backward(DType dt, void* x, int64_t n, int64_t V
 
 // ---------------------------------------------------------------- advantages and loss terms
 
-// One block per question q of the [Q, G] outcome / is_full (METHOD.md Stage 3, steps 4-5):
+// One block per question q of the [Q, G] outcome / is_full (docs/method.md Stage 3, steps 4-5):
 // fired[q], total [Q, G], centred [Q, G] and scaled = centred / (Bessel std + eps) [Q, G].
 cudaError_t launch_advantages(const float* outcome, const bool* is_full, int64_t Q, int64_t G, float delta,
                               float nu, float eps, bool by_scenario, float* centred, float* scaled, float* total,

@@ -74,7 +74,7 @@ EXGRPO_HD void loss_tile_thread(const LossArgs& a, int64_t tile, int tid, int nt
 
 // ---------------------------------------------------------------- per-question advantages
 //
-// METHOD.md Stage 3 steps 4-5 for one question's G trajectories. correct := outcome ≥ 1.
+// docs/method.md Stage 3 steps 4-5 for one question's G trajectories. correct := outcome ≥ 1.
 //   P_full, P_part = mean outcome over each scenario (0 for an empty scenario)
 //   fired = (#full > 0) and P_full > ν·P_part;  total = outcome + δ on correct full trajectories if fired
 //   per group (the whole question, or each scenario): c = total − mean, a = c / (Bessel std + eps),

@@ -1,4 +1,4 @@
-"""`exgrpo eval`: single-pass greedy accuracy, the student seeing Q alone (METHOD.md).
+"""`exgrpo eval`: single-pass greedy accuracy, the student seeing Q alone (docs/method.md).
 
     exgrpo eval --model runs/demo/full/checkpoint                  # synthetic held-in test + OOD
     exgrpo eval --model runs/x --split test,ood --n 500 --n-train 2000 --out runs/x/eval.json

@@ -1,4 +1,4 @@
-"""Evaluation the way the method is deployed (METHOD.md): the student sees Q alone, answers once
+"""Evaluation the way the method is deployed (docs/method.md): the student sees Q alone, answers once
 with greedy decoding, and the task's extractor and comparison score the answer. Metric: accuracy.
 
     cfg = EvalConfig(model="runs/demo/full/checkpoint", split=("test", "ood"), n=200)

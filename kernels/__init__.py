@@ -57,7 +57,7 @@ def _live_rows(hidden, targets, live):
 
 def exgrpo_advantages(outcome, is_full, *, delta=0.5, nu=1.0, eps=1e-6, scale="group", group_by="question",
                       backend="auto"):
-    """Dialogue Structure Utility bonus + group-relative advantages (METHOD.md Stage 3, steps 4-5).
+    """Dialogue Structure Utility bonus + group-relative advantages (docs/method.md Stage 3, steps 4-5).
 
     outcome [Q, G] float (R_base; a trajectory is correct when outcome >= 1), is_full [Q, G] bool
     (Scenario A). Per question: P_full, P_partial = mean outcome of each scenario (P_partial = 0

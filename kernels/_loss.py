@@ -139,7 +139,7 @@ def finish_metrics(sums: torch.Tensor, t: TokenTerms) -> dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- advantages (torch)
 
 def advantages_torch(outcome, is_full, *, delta, nu, eps, by_scenario):
-    """Vectorised METHOD.md steps 4-5. Returns (centred [Q,G], group-scaled [Q,G], total [Q,G], fired [Q]).
+    """Vectorised docs/method.md steps 4-5. Returns (centred [Q,G], group-scaled [Q,G], total [Q,G], fired [Q]).
 
     correct := outcome >= 1; P_partial = 0 for a question without partial trajectories.
     """

@@ -52,7 +52,7 @@ def test_degenerate_groups_get_zero(backend):
 
 def test_bonus_ranks_full_above_partial(backend):
     """Pooled over the question, a correct full-dialogue answer outranks a correct partial one;
-    normalised per scenario, the bonus is invisible (METHOD.md step 5's argument)."""
+    normalised per scenario, the bonus is invisible (docs/method.md step 5's argument)."""
     outcome = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
     is_full = torch.tensor([[True, True, True, True, False, False, False, False]])   # P_full .5 > P_part .25
     a, t, f = K.exgrpo_advantages(outcome, is_full, backend=backend)

@@ -1,4 +1,4 @@
-"""Stage 1 of METHOD.md: probes -> teacher answers -> filter 1 -> filter 2 -> probe set.
+"""Stage 1 of docs/method.md: probes -> teacher answers -> filter 1 -> filter 2 -> probe set.
 
 Two append-only files in the output folder:
 
@@ -37,7 +37,7 @@ HardDirection = Literal["intent", "printed", "off"]
 
 @dataclass(frozen=True)
 class FilterSettings:
-    """Filter 2. METHOD.md: drop Q if N' = 0, if Λ = N' (too easy), or if it is too hard.
+    """Filter 2. docs/method.md: drop Q if N' = 0, if Λ = N' (too easy), or if it is too hard.
     `hard_direction` [choice]: "intent" drops Q when Λ < tau_hard (the student solves fewer than
     tau_hard probes: the paper's stated intent); "printed" drops it when Λ > tau_hard (our reading
     of the comparison as printed, kept for reproduction); "off" never drops for hardness."""

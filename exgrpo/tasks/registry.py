@@ -38,7 +38,7 @@ class Task:
     name: str
     title: str
     answer_format: AnswerFormat
-    held_out: bool          # METHOD.md: the 4 held-out datasets are test only
+    held_out: bool          # docs/method.md: the 4 held-out datasets are test only
     letters: str            # valid option letters for letter tasks ("" otherwise)
     converter: Callable[[dict[str, Any], str], Example]
     files: str              # the expected local files, for --help and error messages
