@@ -172,8 +172,8 @@ def step_figure(record: dict):
     dev = m.get("gpu") or "CPU"
     commit = _commit(m)
     fig.suptitle(f"one ExGRPO step — {dev} · hidden {a.get('shape', {}).get('hidden_size')} · "
-                 f"{a.get('questions')}×2×{a.get('group')} trajectories of {a.get('prompt_len')}/"
-                 f"{a.get('partial_len')}+{a.get('completion')} tokens · {commit}", fontsize=10)
+                 f"{a.get('questions')}×2×{a.get('group')} dialogues of ≤ {a.get('k_probes')} probes + Q, "
+                 f"{a.get('completion')} tokens per turn · {commit}", fontsize=10)
     fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
     return fig
 

@@ -6,20 +6,27 @@
 
 The model is GemmaForCausalLM built from the Gemma-7B config (hidden 3072, 28 layers, 16 heads of 256,
 intermediate 24576, vocab 256000, tied embedding) with random bf16 weights, saved once to --model-dir
-with a word-level tokenizer ("w17 w4 ..." is exactly the ids 17, 4, ...), so every case loads the
-same weights and sees the same prompts. Per question: G Scenario A trajectories on a prompt of
---prompt-len tokens and G Scenario B trajectories on --partial-len tokens (fewer probes in context),
-each completing exactly --completion tokens (min = max new tokens), rewards drawn at random.
+with a word-level tokenizer ("w17 w4 ..." is exactly the ids 17, 4, ...) and a probe set of random-word
+questions and probes, so every case loads the same weights and data.
+
+The exgrpo cases run the trainer's own step (exgrpo/step.py, the functions exgrpo/train.py loops over):
+per question, G Scenario A dialogues (--k-probes probes, each answered by the student, then Q) and G
+Scenario B dialogues (the first k' probes), every turn sampled with exactly --completion new tokens
+(min = max new tokens), token in and token out; rewards from a hash of the final reply (the model is
+random, so is its accuracy); the DSU bonus and advantages; the auxiliary teacher-forced probe answers
+(--aux-coef); packed micro-batches; the reference log-probs; the guarded update. What is timed is
+what `exgrpo train` trains (tests/test_bench_step.py checks the first step's loss against train()).
 
 Cases (each in a fresh process, so one case's memory cannot leak into the next):
-    exgrpo:lora | exgrpo:full   exgrpo's trainer pieces: HF generate (the trainer's HFEngine), old and
-                                reference log-probs (adapters off / a frozen copy), the fused loss
-                                forward+backward over token-budgeted micro-batches, the optimizer
-                                step (full: torchao 8-bit AdamW). With --eager-loss, the same loss
-                                phase again in plain PyTorch with materialised [b, T, V] logits.
-    trl:MODE | trl-liger:MODE   TRL's GRPOTrainer on the same model, prompts, G, lengths, β, LoRA
-                                and optimizer, generating through transformers; with and without
-                                use_liger_kernel. Phases are cut at its generate and score methods.
+    exgrpo:lora | exgrpo:full   the step above (full: torchao 8-bit AdamW and a frozen reference copy).
+                                With --eager-loss, the same loss phase again in plain PyTorch with
+                                materialised [b, T, V] logits, on the same micro-batches.
+    trl:MODE | trl-liger:MODE   TRL's GRPOTrainer on the same model, G, β, LoRA and optimizer, generating
+                                through transformers; with and without use_liger_kernel. TRL has no
+                                multi-turn rollouts: each trajectory is one prompt as long as the exgrpo
+                                dialogue before its last reply, plus --completion new tokens, so both
+                                process sequences of the same lengths (TRL trains fewer of their tokens).
+                                Phases are cut at its generate and score methods.
 
 Per phase: median wall time over --steps steps after --warmup, tokens/s, peak allocated and reserved
 CUDA memory; for the update phase also the useful model TFLOP/s against the bf16 matmul rate
@@ -37,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -49,7 +57,7 @@ GEMMA_7B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=16, 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
             intermediate_size=256, vocab_size=1000)
 CASES = ("exgrpo:lora", "exgrpo:full", "trl:lora", "trl-liger:lora", "trl:full", "trl-liger:full")
-SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")                 # ids 0-3; every other id is the word w<id>
+SPECIAL = ("<pad>", "<end_of_turn>", "<bos>", "<unk>", "<start_of_turn>", "user", "model")   # ids 0-6; then w<id>
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHASES = ("rollout", "logprobs", "loss", "optimizer", "update", "loss_eager")
 
@@ -59,11 +67,17 @@ def parse(argv=None):
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     p.add_argument("--questions", type=int, default=1, help="questions per step (each: G of A + G of B)")
     p.add_argument("--group", type=int, default=8, help="G trajectories per scenario")
-    p.add_argument("--prompt-len", type=int, default=1536, help="Scenario A prompt tokens (all k probes)")
-    p.add_argument("--partial-len", type=int, default=1280, help="Scenario B prompt tokens (k' < k probes)")
-    p.add_argument("--completion", type=int, default=256, help="new tokens per trajectory (fixed)")
+    p.add_argument("--k-probes", type=int, default=5, help="Scenario A's probes (B keeps the first k' < k)")
+    p.add_argument("--probe-len", type=int, default=96, help="words (tokens) per probe question")
+    p.add_argument("--question-len", type=int, default=128, help="words of Q (before the answer-format instruction)")
+    p.add_argument("--response-len", type=int, default=128, help="words of each teacher probe answer (aux SFT)")
+    p.add_argument("--completion", type=int, default=128, help="new tokens per turn (fixed)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                   help="packed micro-batches (the trainer's default) or padded rows")
     p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--aux-coef", type=float, default=0.1, help="λ of the auxiliary SFT loss (0: no aux sequences)")
+    p.add_argument("--updates-per-batch", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
@@ -87,10 +101,12 @@ def parse(argv=None):
     a = p.parse_args(argv)
     a.shape = dict(TINY if a.tiny else GEMMA_7B)
     if a.tiny:
-        a.prompt_len, a.partial_len, a.completion, a.group, a.micro_batch_tokens = 40, 28, 6, 2, 64
+        a.k_probes, a.probe_len, a.question_len, a.response_len, a.completion = 2, 6, 8, 6, 4
+        a.group, a.micro_batch_tokens = 2, 96
         a.warmup, a.steps, a.lora_r, a.lr = 0, 2, 4, 1e-3      # step 2: policy != reference, so KL counts
         a.device = a.device or "cpu"
-    for name in ("questions", "group", "prompt_len", "partial_len", "completion", "steps", "micro_batch_tokens"):
+    for name in ("questions", "group", "k_probes", "probe_len", "question_len", "response_len", "completion", "steps",
+                 "micro_batch_tokens", "updates_per_batch"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     return a
@@ -99,32 +115,55 @@ def parse(argv=None):
 # ============================================================================= the shared setup
 
 def build_tokenizer(vocab: int):
-    """A word-level tokenizer over V ids: text "w17 w4" <-> ids [17, 4], with no special tokens added,
-    so a prompt's length in tokens is exactly what the benchmark asks for, in every trainer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level tokenizer over V ids: text "w17 w4" <-> ids [17, 4], the chat template's markers as
+    special tokens, nothing added around a text, so a prompt's length in tokens is its number of words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from exgrpo.models import CHAT_TEMPLATE
     words = {t: i for i, t in enumerate(SPECIAL)} | {f"w{i}": i for i in range(len(SPECIAL), vocab)}
     tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                  unk_token="<unk>")
-    tok.chat_template = CHAT_TEMPLATE                       # the loaders require one; prompts here are ids
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)    # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<end_of_turn>",
+                                  bos_token="<bos>", unk_token="<unk>", additional_special_tokens=["<start_of_turn>"])
+    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
+def _words(g: torch.Generator, n: int, vocab: int) -> str:
+    return " ".join(f"w{i}" for i in torch.randint(len(SPECIAL), vocab, (n,), generator=g).tolist())
+
+
+def write_probe_set(a, path: Path) -> Path:
+    """Random-word questions with --k-probes probes each, in exgrpo probe's probe_set.jsonl format: enough
+    questions that every step of the run sees new ones."""
+    g = torch.Generator().manual_seed(0)
+    V = a.shape["vocab_size"]
+    lines = []
+    for q in range(a.questions * (a.warmup + a.steps)):
+        ex = {"id": f"bench-{q}", "task": "gsm8k", "question": _words(g, a.question_len, V), "answer": "1"}
+        probes = [{"rule": f"rule{j}", "probe": _words(g, a.probe_len, V), "response": _words(g, a.response_len, V),
+                   "probe_answer": "1", "kept": True} for j in range(a.k_probes)]
+        lines.append(json.dumps({"kept": True, "example": ex, "probes": probes}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def prepare_model_dir(a) -> Path:
-    """Random Gemma weights at the benchmark's shape, saved once (bf16 on GPU, fp32 on CPU)."""
+    """Random Gemma weights at the benchmark's shape (bf16 on GPU, fp32 on CPU) and the probe set, saved once."""
     from transformers import GemmaConfig, GemmaForCausalLM
     out = Path(a.model_dir)
     stamp = out / "bench_shape.json"
     dtype = "bfloat16" if a.device_type == "cuda" else "float32"
-    want = {**a.shape, "dtype": dtype}
+    data = {k: getattr(a, k) for k in ("questions", "warmup", "steps", "k_probes", "probe_len", "question_len",
+                                       "response_len")}
+    want = {**a.shape, "dtype": dtype, "data": data, "format": 2}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
-    cfg = GemmaConfig(**a.shape, max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=2)
+    tok = build_tokenizer(a.shape["vocab_size"])
+    cfg = GemmaConfig(**a.shape, max_position_embeddings=8192, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     dt = getattr(torch, dtype)
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
@@ -134,29 +173,40 @@ def prepare_model_dir(a) -> Path:
             model = GemmaForCausalLM(cfg)
     finally:
         torch.set_default_dtype(prev)
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     model.save_pretrained(out)
-    build_tokenizer(a.shape["vocab_size"]).save_pretrained(out)
+    tok.save_pretrained(out)
+    write_probe_set(a, out / "probe_set.jsonl")
     stamp.write_text(json.dumps(want))
     del model
     return out
 
 
-def prompts(a, step: int) -> list[list[int]]:
-    """The step's prompts, question by question: A then B. Random ids, seeded by the step."""
-    g = torch.Generator().manual_seed(1000 + step)
-    V = a.shape["vocab_size"]
-    out = []
-    for _ in range(a.questions):
-        for n in (a.prompt_len, a.partial_len):
-            out.append(torch.randint(len(SPECIAL), V, (n,), generator=g).tolist())
-    return out
+def bench_reward(ex, reply: str) -> float:
+    """R_base for a random model: a hash of its final reply, 1 for about 40 % of them (so groups have both)."""
+    return float(zlib.crc32(reply.encode()) % 5 < 2)
 
 
-def outcomes(a, step: int):
-    """Random 0/1 rewards [Q, 2G] (A's G, then B's G): the model is random, so is its accuracy."""
-    g = torch.Generator().manual_seed(2000 + step)
-    return (torch.rand(a.questions, 2 * a.group, generator=g) < 0.4).float()
+def train_config(a, mode: str, out: str):
+    """The TrainConfig whose step the exgrpo cases run (tests/test_bench_step.py trains with it too)."""
+    from exgrpo.train import TrainConfig
+    lora = mode == "lora"
+    return TrainConfig(
+        model=str(a.model_path), probes=str(Path(a.model_path) / "probe_set.jsonl"), out=out, lora=lora,
+        lora_r=a.lora_r, lora_alpha=a.lora_alpha, dtype="bf16" if a.device_type == "cuda" else "fp32",
+        device=a.device_type, gradient_checkpointing=a.grad_ckpt, backend=a.backend,
+        micro_batch_tokens=a.micro_batch_tokens, packed=a.packed, steps=a.warmup + a.steps,
+        questions_per_step=a.questions, group_size=a.group, k_probes=a.k_probes, max_new_tokens=a.completion,
+        rollout_batch_size=2 * a.group * a.questions, beta=a.beta, aux_coef=a.aux_coef,
+        updates_per_batch=a.updates_per_batch, lr=a.lr, optimizer="adamw" if lora else a.full_optimizer,
+        seed=0, progress=False)
+
+
+def engine_factory(a):
+    """(model, tokenizer) -> the trainer's HF engine with every reply exactly --completion tokens long."""
+    from exgrpo.rollout import HFEngine
+    return lambda model, tok: HFEngine(model, tok, max_new_tokens=a.completion, min_new_tokens=a.completion,
+                                       temperature=1.0, batch_size=2 * a.group * a.questions)
 
 
 class Meter:
@@ -204,9 +254,10 @@ def phase_work(lens: list[int], generated: int) -> dict:
 def model_flops(shape: dict, seq_lens: list[int], lm_rows: int, *, train_weights: bool) -> float:
     """Useful FLOPs of one forward + backward over these sequences: linear layers 2·params per token
     forward, 2· again for the input gradients and, when the weights train, 2· for their gradients;
-    causal attention 2·heads·head_dim·T² per layer and sequence forward, twice that backward; the LM
-    head only on the `lm_rows` trained rows (the fused kernels skip the rest). Recomputation under
-    gradient checkpointing is not useful work and is not counted."""
+    causal attention 2·heads·head_dim·T² per layer and sequence forward, twice that backward (per
+    sequence: packed rows attend within each sequence only); the LM head only on the `lm_rows` trained
+    rows (the fused kernels skip the rest). Recomputation under gradient checkpointing is not useful
+    work and is not counted."""
     H, L, I, V = shape["hidden_size"], shape["num_hidden_layers"], shape["intermediate_size"], shape["vocab_size"]
     q = shape["num_attention_heads"] * shape["head_dim"]
     kv = shape["num_key_value_heads"] * shape["head_dim"]
@@ -220,48 +271,43 @@ def model_flops(shape: dict, seq_lens: list[int], lm_rows: int, *, train_weights
 # ============================================================================= exgrpo
 
 def run_exgrpo(a, mode: str) -> dict:
-    from exgrpo.kernels import exgrpo_advantages
-
-    from exgrpo.batching import Sequence, attach_logprobs, loss_and_backward, micro_batches
-    from exgrpo.models import init_student, load_model
+    """The trainer's step, phase by phase: exactly the calls exgrpo/train.py makes, with a meter between them."""
+    from exgrpo import loop
+    from exgrpo import step as S
+    from exgrpo.batching import layout_tokens, loss_and_backward
+    from exgrpo.dialogues import load_probe_set
+    from exgrpo.distributed import SINGLE
     from exgrpo.optim import make_optimizer
-    from exgrpo.policy import Policy
-    from exgrpo.rollout import HFEngine
 
-    lora = mode == "lora"
-    dtype = "bf16" if a.device_type == "cuda" else "fp32"
-    model, tok, dev = init_student(a.model_path, lora=lora, lora_r=a.lora_r, lora_alpha=a.lora_alpha, dtype=dtype,
-                                   device=a.device_type, gradient_checkpointing=a.grad_ckpt)
-    policy = Policy(model)
-    ref = None
-    if a.beta > 0 and not lora:
-        ref = Policy(load_model(a.model_path, dtype=next(model.parameters()).dtype, device=dev).eval())
-        ref.requires_grad_(False)
-    opt, _ = make_optimizer(policy, lr=a.lr, weight_decay=0.0, warmup_steps=0, total_steps=1, schedule="constant",
-                            optimizer="adamw" if lora else a.full_optimizer)
-    engine = HFEngine(model, tok, max_new_tokens=a.completion, temperature=1.0, batch_size=2 * a.group * a.questions)
-    eager = EagerPolicy(model) if a.eager_loss else None
-    meter, steps, info = Meter(dev), [], {}
-    G2 = 2 * a.group
-    for step in range(a.warmup + a.steps):
-        torch.manual_seed(step)
-        rows = [p for p in prompts(a, step) for _ in range(a.group)]     # [Q·2G]: A's G, then B's G, per question
+    cfg = train_config(a, mode, out=tempfile.mkdtemp(prefix="exgrpo-bench-"))
+    items = load_probe_set(cfg.probes)
+    d, dev, model, tok, mixed = loop.load_student(cfg)
+    policy = loop.make_policy(model, tok, cfg, d, dev, mixed)
+    ref = loop.make_reference(cfg, model, tok, d, dev, mixed)
+    opt, _ = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0, total_steps=cfg.steps,
+                            schedule="constant", optimizer=cfg.optimizer)
+    engine = engine_factory(a)(model, tok)
+    loss = S.loss_spec(cfg)
+    eager = EagerPolicy(model, tok.pad_token_id) if a.eager_loss else None
+    meter, steps, info = Meter(dev), [], {"losses": []}
+    for step in range(cfg.steps):
+        seed = S.begin_step(cfg.seed, step, SINGLE)
+        plan = S.plan_step(items, step, seed, cfg, SINGLE)
         meter.mark("rollout")
         policy.eval()
-        completions = engine.generate_ids(rows, min_new_tokens=a.completion)
+        rollouts = S.rollout(engine, plan)
         policy.train()
         meter.mark("logprobs")
-        adv, _, _ = exgrpo_advantages(outcomes(a, step), torch.arange(G2).expand(a.questions, G2) < a.group)
-        seqs = [Sequence(p + c, [False] * len(p) + [True] * len(c), [False] * (len(p) + len(c)),
-                         advantage=float(adv.reshape(-1)[j])) for j, (p, c) in enumerate(zip(rows, completions))]
-        mbs = micro_batches(seqs, a.micro_batch_tokens, tok.pad_token_id, dev)
-        attach_logprobs(policy, mbs, seqs, old=True, ref=a.beta > 0, ref_policy=ref, backend=a.backend)
-        loss_kw = dict(eps_low=0.2, eps_high=0.2, beta=a.beta, aux_coef=0.0, backend=a.backend)
+        adv = S.advantages(S.reward(plan, rollouts, bench_reward), cfg)
+        seqs = S.sequences(plan, rollouts, adv, tok, cfg)
+        batch = S.prepare(policy, seqs, cfg, SINGLE, dev, loss=loss, old=cfg.updates_per_batch > 1, ref_policy=ref)
         if eager is not None:                               # the peer first: same weights, micro-batches and loss
             meter.mark("loss_eager")
             opt.zero_grad(set_to_none=True)
             try:
-                info["loss_eager"] = loss_and_backward(eager, mbs, seqs, **loss_kw)["loss"]
+                info["loss_eager"] = loss_and_backward(eager, batch.mbs, seqs, eps_low=loss.eps_low,
+                                                       eps_high=loss.eps_high, beta=loss.beta, aux_coef=loss.aux_coef,
+                                                       temperature=loss.temperature, totals=batch.totals)["loss"]
                 info["grad_norm_eager"] = float(torch.nn.utils.get_total_norm(
                     [p.grad for p in policy.parameters() if p.grad is not None]))
             except torch.OutOfMemoryError as e:
@@ -270,29 +316,31 @@ def run_exgrpo(a, mode: str) -> dict:
             opt.zero_grad(set_to_none=True)
             if a.device_type == "cuda":
                 torch.cuda.empty_cache()
-        meter.mark("loss")
-        opt.zero_grad(set_to_none=True)
-        m = loss_and_backward(policy, mbs, seqs, **loss_kw)
-        meter.mark("optimizer")
-        info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad],
-                                                                 1.0))
-        opt.step()
-        opt.zero_grad(set_to_none=True)                     # the next rollout holds no gradients (as TRL)
+        m, gnorm, _ = S.optimize(policy, opt, batch, seqs, loss, updates=cfg.updates_per_batch,
+                                 grad_clip=cfg.grad_clip, d=SINGLE, dev=dev, mark=meter.mark)
         rec = meter.take()
         if step >= a.warmup:
             steps.append(rec)
-        info["loss"] = m["loss"]
+        info.update(loss=m["loss"], grad_norm=gnorm)
+        info["losses"].append(m["loss"])
     if a.profile:                                           # outside the timed steps: the profiler costs time
         opt.zero_grad(set_to_none=True)
-        info["profile_loss"] = common.profile_top(lambda: loss_and_backward(policy, mbs, seqs, **loss_kw), dev)
+        info["profile_loss"] = common.profile_top(lambda: loss_and_backward(
+            policy, batch.mbs, seqs, eps_low=loss.eps_low, eps_high=loss.eps_high, beta=loss.beta,
+            aux_coef=loss.aux_coef, temperature=loss.temperature, totals=batch.totals), dev)
         opt.zero_grad(set_to_none=True)
     lens = [len(s.ids) for s in seqs]
-    trained = sum(len(c) for c in completions)              # rows the LM head runs in the loss
-    flops = model_flops(a.shape, lens, trained, train_weights=not lora)
+    trained = sum(sum(s.policy) + sum(s.sft) for s in seqs)      # rows the LM head runs in the loss
+    generated = sum(sum(r.sampled) for r in rollouts)
+    flops = model_flops(a.shape, lens, trained, train_weights=not cfg.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return _summarise(steps, phase_work(lens, G2 * a.questions * a.completion), flops,
-                      extra={**info, "trainable_params": trainable, "micro_batches": len(mbs),
-                             "optimizer": "adamw" if lora else a.full_optimizer})
+    padded_tokens, padded_padding = layout_tokens(seqs, cfg.micro_batch_tokens, packed=False)
+    return _summarise(steps, phase_work(lens, generated), flops,
+                      extra={**info, "trainable_params": trainable, "micro_batches": len(batch.mbs),
+                             "optimizer": cfg.optimizer, "sequences": len(seqs), "trajectories": len(rollouts),
+                             "sequence_lens": lens, "packed": cfg.packed,
+                             "padding_frac": batch.padding / max(1, batch.tokens),
+                             "padding_frac_padded_layout": padded_padding / max(1, padded_tokens)})
 
 
 class EagerPolicy(torch.nn.Module):
@@ -300,16 +348,17 @@ class EagerPolicy(torch.nn.Module):
     log-softmax, gather, and the reference policy loss (kernels/reference.py) — what a trainer
     without fused kernels does. Called by exgrpo.batching.loss_and_backward like exgrpo's Policy."""
 
-    def __init__(self, model):
+    def __init__(self, model, pad_id: int):
         super().__init__()
-        self.model = model
+        self.model, self.pad_id = model, pad_id
 
-    def forward(self, input_ids, attention_mask, targets, *, mask, advantages, old_logp=None, ref_logp=None,
-                weights=None, sft_mask=None, aux_coef=0.0, eps_low=0.2, eps_high=0.2, beta=0.04,
-                reduction="token_mean", temperature=1.0, backend=None):
+    def forward(self, input_ids, attention_mask, targets, *, position_ids=None, mask, advantages, old_logp=None,
+                ref_logp=None, weights=None, sft_mask=None, aux_coef=0.0, eps_low=0.2, eps_high=0.2, beta=0.04,
+                reduction="token_mean", temperature=1.0):
         from exgrpo.kernels import IGNORE_INDEX
         from exgrpo.kernels.reference import policy_loss_ref
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).logits
         logp = (logits.float() / temperature).log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0]
         logp = torch.where(targets != IGNORE_INDEX, logp, torch.zeros_like(logp))
         return policy_loss_ref(logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
@@ -318,8 +367,24 @@ class EagerPolicy(torch.nn.Module):
 
 # ============================================================================= TRL
 
+def trl_prompt_lens(a, tok, step: int) -> list[int]:
+    """Per question, Scenario A then B: the tokens of the exgrpo dialogue before its last reply (template
+    segments + the earlier replies, each exactly --completion tokens), as the trainer plans the step."""
+    from exgrpo import step as S
+    from exgrpo.dialogues import load_probe_set, turn_segments
+    from exgrpo.distributed import SINGLE
+    cfg = train_config(a, "lora", out="")
+    plan = S.plan_step(load_probe_set(cfg.probes), step, S.begin_step(cfg.seed, step, SINGLE), cfg, SINGLE)
+    out = []
+    for t in plan.trajectories[:: a.group]:                 # one per (question, scenario): its G are alike
+        segs = turn_segments(tok, list(t.turns))
+        out.append(sum(map(len, segs[:-1])) + (len(t.turns) - 1) * a.completion)
+    return out
+
+
 def run_trl(a, mode: str, liger: bool) -> dict:
-    """TRL's GRPOTrainer on the same model and prompts. Phases are cut at its own methods:
+    """TRL's GRPOTrainer on the same model, with single-turn prompts as long as the exgrpo dialogues before
+    their last reply (trl_prompt_lens). Phases are cut at its own methods:
     rollout = _generate_single_turn, logprobs = the rest of _generate_and_score_completions (reference
     and old log-probs, rewards), update = the rest of the optimizer step (loss forward+backward over
     the micro-batches, optimizer)."""
@@ -333,9 +398,11 @@ def run_trl(a, mode: str, liger: bool) -> dict:
     cuda = a.device_type == "cuda"
     model = load_model(a.model_path, dtype=torch.bfloat16 if cuda else torch.float32, device=a.device_type)
     n_steps = a.warmup + a.steps
-    texts = [" ".join(f"w{i}" for i in p) for s in range(n_steps) for p in prompts(a, s)]
+    lens_by_step = [trl_prompt_lens(a, tok, s) for s in range(n_steps)]
+    g = torch.Generator().manual_seed(1000)
+    texts = [_words(g, n, a.shape["vocab_size"]) for lens in lens_by_step for n in lens]
     per_step = 2 * a.group * a.questions
-    mb_seqs = max(1, min(per_step, a.micro_batch_tokens // (a.prompt_len + a.completion)))
+    mb_seqs = max(1, min(per_step, a.micro_batch_tokens // (max(lens_by_step[0]) + a.completion)))
     while per_step % mb_seqs:
         mb_seqs -= 1
     g = torch.Generator().manual_seed(7)
@@ -394,8 +461,7 @@ def run_trl(a, mode: str, liger: bool) -> dict:
 
     trainer.add_callback(Cut())
     trainer.train()
-    seq_len = {"A": a.prompt_len + a.completion, "B": a.partial_len + a.completion}
-    lens = [seq_len[s] for _ in range(a.questions) for s in "AB" for _ in range(a.group)]
+    lens = [n + a.completion for n in lens_by_step[-1] for _ in range(a.group)]
     flops = model_flops(a.shape, lens, per_step * a.completion, train_weights=mode == "full")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return _summarise(steps, phase_work(lens, per_step * a.completion), flops,

@@ -119,42 +119,115 @@ def load_config_file(path: str | Path, table: str | None = None) -> dict[str, An
     return data
 
 
+def _nested(cls: type) -> dict[str, type]:
+    """Fields whose type is itself a config dataclass (DemoConfig.sft, DemoConfig.rl): name -> class."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])}
+
+
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _flatten(layer: dict[str, Any], nested: dict[str, type]) -> dict[str, Any]:
+    """{"sft": {"lr": 1}} and {"sft.lr": 1} alike -> {"sft.lr": 1}; dashes -> underscores."""
+    out: dict[str, Any] = {}
+    for k, v in layer.items():
+        key = k.replace("-", "_")
+        if key in nested and isinstance(v, dict):
+            out.update({f"{key}.{kk.replace('-', '_')}": vv for kk, vv in v.items()})
+        else:
+            out[key] = v
+    return out
+
+
 def make_config(cls: type[T], file_values: dict[str, Any] | None = None,
                 overrides: dict[str, Any] | None = None, source: str = "config") -> T:
-    """Defaults, then the file, then the command line; unknown keys are errors."""
+    """Defaults, then the file, then the command line; unknown keys are errors.
+
+    A field typed as another config dataclass is set key by key: `sft.lr` (a flag `--sft.lr`, a file
+    key "sft.lr" or a table {"sft": {"lr": ...}}) replaces that one setting of the field's default.
+    The outer class may name sub-settings it sets itself (`FIXED = {"sft": ("model", ...)}`: refused
+    here) and settings that moved (`RENAMED = {"sft_lr": "sft.lr"}`: refused, naming the new key)."""
     known = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    nested = _nested(cls)
+    fixed: dict[str, tuple[str, ...]] = getattr(cls, "FIXED", {})
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
     values: dict[str, Any] = {}
+    sub: dict[str, dict[str, Any]] = {n: {} for n in nested}
     for layer, where in ((file_values or {}, source), (overrides or {}, "command line")):
-        for k, v in layer.items():
-            key = k.replace("-", "_")
-            if key not in names:
-                raise ValueError(f"{where}: unknown setting {k!r}; known: {', '.join(names)}")
-            values[key] = _coerce(key, known[key], v)
+        for key, v in _flatten(layer, nested).items():
+            outer, _, inner = key.partition(".")
+            if inner:
+                if outer not in nested:
+                    raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(names)}")
+                inner_names = [f.name for f in dataclasses.fields(nested[outer])]
+                if inner not in inner_names:
+                    raise ValueError(f"{where}: unknown setting {key!r}; {outer}.* takes "
+                                     f"{', '.join(n for n in inner_names if n not in fixed.get(outer, ()))}")
+                if inner in fixed.get(outer, ()):
+                    raise ValueError(f"{where}: {key!r} is set by {cls.__name__} itself; it cannot be given")
+                sub[outer][inner] = _coerce(key, typing.get_type_hints(nested[outer])[inner], v)
+            elif key in renamed:
+                raise ValueError(f"{where}: setting {key!r} is now {renamed[key]!r} "
+                                 f"(flag --{renamed[key].replace('_', '-')})")
+            elif key not in names:
+                raise ValueError(f"{where}: unknown setting {key!r}; known: {', '.join(names)}")
+            elif key in nested:
+                raise ValueError(f"{where}: {key!r} is a table of settings: give them as {key}.NAME")
+            else:
+                values[key] = _coerce(key, known[key], v)
+    for outer, given in sub.items():
+        if given:
+            values[outer] = dataclasses.replace(_default(cls, outer), **given)
     return cls(**values)
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """The trailing `# comment` of each field line in the class source: the flag's help."""
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", src, re.MULTILINE)}
+    """The trailing `# comment` of each field line in the class source, the flag's help; a field that a
+    subclass re-declares (a different default) without a comment keeps its base class's."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        out.update({m.group(1): m.group(2).strip()
+                    for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", src, re.MULTILINE)})
+    return out
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """`--config FILE` plus one `--flag` per field, its help the field's trailing comment. Flags
-    default to SUPPRESS, so only the flags actually given appear in the namespace and override the
-    file."""
+    """`--config FILE` plus one `--flag` per field, its help the field's trailing comment; a nested config
+    field gets a group of `--outer.flag`s (see make_config). Flags default to SUPPRESS, so only the flags
+    actually given appear in the namespace and override the file."""
     parser.add_argument("--config", help=f"JSON or TOML file of {cls.__name__} settings")
+    nested = _nested(cls)
+    _add_flags(parser, cls, "", skip=set(nested))
+    for outer, sub in nested.items():
+        group = parser.add_argument_group(f"--{outer}.* ({sub.__name__}, defaults as {cls.__name__} sets them)")
+        _add_flags(group, sub, f"{outer}.", skip=set(getattr(cls, "FIXED", {}).get(outer, ())),
+                   defaults=_default(cls, outer))
+    for old in getattr(cls, "RENAMED", {}):                   # accepted only to say what they are called now
+        parser.add_argument("--" + old.replace("_", "-"), dest=old, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _add_flags(parser, cls: type, prefix: str, skip: set[str], defaults: Any = None) -> None:
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         base, optional = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
+        flag = "--" + prefix + f.name.replace("_", "-")
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
@@ -167,14 +240,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.name in comments:
             helptext = f"{comments[f.name]} ({helptext})"
         helptext = helptext.replace("%", "%%")  # argparse %-formats help strings
+        kw = dict(dest=prefix + f.name, default=argparse.SUPPRESS)
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=helptext)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext, **kw)
         elif typing.get_origin(base) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(base), default=argparse.SUPPRESS, help=helptext)
+            parser.add_argument(flag, choices=typing.get_args(base), help=helptext, **kw)
         else:
-            parser.add_argument(flag, type=str, default=argparse.SUPPRESS,
-                                help=helptext + (" (none to unset)" if optional else ""))
+            parser.add_argument(flag, type=str, help=helptext + (" (none to unset)" if optional else ""), **kw)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, table: str | None = None) -> T:

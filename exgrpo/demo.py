@@ -38,9 +38,12 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from exgrpo.sft import SFTConfig
+from exgrpo.train import TrainConfig
 
 # ============================================================================= config
 
@@ -54,6 +57,16 @@ ARM_LABELS = {
 }
 RL_ARMS = ("rl_outcome", "rl_aux", "exgrpo")
 STATUS_FILE = "status.json"
+
+
+def _sft_defaults() -> SFTConfig:
+    # ~500 optimizer steps of EI-SFT at n_train=1000; no intermediate checkpoints (a stage is the unit)
+    return SFTConfig(epochs=1.45, lr=3e-3, batch_size=32, warmup_steps=10, save_every=10**9, device="cpu")
+
+
+def _rl_defaults() -> TrainConfig:
+    return TrainConfig(steps=20, questions_per_step=4, group_size=4, k_probes=2, max_new_tokens=48, lr=3e-4,
+                       save_every=10**9, device="cpu")
 
 
 @dataclass
@@ -80,36 +93,39 @@ class DemoConfig:
     size: Literal["tiny", "small"] = "small"
     vocab_size: int = 800
     context: int = 1024
-    # SFT (both SFT arms)
-    sft_epochs: float = 1.45                # ~500 optimizer steps of EI-SFT at n_train=1000
-    sft_lr: float = 3e-3
-    sft_batch_size: int = 32
-    sft_warmup: int = 10
+    # the two SFT arms (EI-SFT's epochs; vanilla SFT's follow from it) and the three RL arms, from the
+    # EI-SFT export: every setting of `exgrpo sft` / `exgrpo train` but those FIXED below, as --sft.* / --rl.*
+    sft: SFTConfig = field(default_factory=_sft_defaults)
     vanilla_epochs: float | None = None     # none: as many optimizer steps as EI-SFT (compute-matched)
-    # RL (arms 3-5, from the EI-SFT export)
-    rl_steps: int = 20
-    questions_per_step: int = 4
-    group_size: int = 4                     # G per scenario per question
-    k_probes: int = 2
-    max_new_tokens: int = 48                # per turn in rollouts
-    rl_lr: float = 3e-4
-    beta: float = 0.04
-    aux_coef: float = 0.1                   # λ in the arms with L_aux
-    delta: float = 0.5
-    nu: float = 1.0
+    rl: TrainConfig = field(default_factory=_rl_defaults)
     # evaluation
     eval_max_new_tokens: int = 80
     eval_batch_size: int = 128
     eval_val: bool = True                   # also score the val split (the tuning split)
     progress: bool = True
 
+    # Set per arm and seed by the demo itself (stage_arm), so not settings of the demo.
+    FIXED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "sft": ("model", "probes", "out", "with_probes", "with_original", "seed", "resume", "progress", "device"),
+        "rl": ("model", "probes", "out", "bonus", "seed", "resume", "progress", "device"),
+    }
+    # The demo's own names before its SFT and RL settings became SFTConfig / TrainConfig fields.
+    RENAMED: ClassVar[dict[str, str]] = {
+        "sft_epochs": "sft.epochs", "sft_lr": "sft.lr", "sft_batch_size": "sft.batch_size",
+        "sft_warmup": "sft.warmup_steps", "rl_steps": "rl.steps", "rl_lr": "rl.lr",
+        "questions_per_step": "rl.questions_per_step", "group_size": "rl.group_size", "k_probes": "rl.k_probes",
+        "max_new_tokens": "rl.max_new_tokens", "beta": "rl.beta", "aux_coef": "rl.aux_coef", "delta": "rl.delta",
+        "nu": "rl.nu",
+    }
+
 
 # Preset values sit between the dataclass defaults and the config file / flags.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "quick": dict(size="tiny", n_train=24, n_val=0, n_test=20, n_ood=21, sft_epochs=1.0, sft_warmup=2, rl_steps=2,
-                  questions_per_step=2, group_size=2, k_probes=2, max_new_tokens=16, judge_max_new_tokens=16,
-                  eval_max_new_tokens=32, eval_val=False),
+    "quick": {"size": "tiny", "n_train": 24, "n_val": 0, "n_test": 20, "n_ood": 21, "judge_max_new_tokens": 16,
+              "eval_max_new_tokens": 32, "eval_val": False,
+              "sft.epochs": 1.0, "sft.warmup_steps": 2,
+              "rl.steps": 2, "rl.questions_per_step": 2, "rl.group_size": 2, "rl.k_probes": 2, "rl.max_new_tokens": 16},
     "full": dict(seeds=3),
 }
 
@@ -257,36 +273,31 @@ def _sft_counts(run: Path) -> tuple[int, int]:
 
 
 def stage_arm(cfg: DemoConfig, run: Path, arm: str, seed: int, resume: bool) -> dict[str, Any]:
-    from exgrpo.sft import SFTConfig, sft
-    from exgrpo.train import TrainConfig, train
+    from exgrpo.sft import sft
+    from exgrpo.train import train
     out = run / "arms" / f"seed{seed}" / arm
     student = run / "students" / f"seed{seed}"
+    per_arm = dict(out=str(out), seed=seed, resume=resume, progress=cfg.progress, device="cpu")
     if arm in ("sft_vanilla", "sft_ei"):
         n_ei, n_van = _sft_counts(run)
         if arm == "sft_ei":
-            probes, epochs, with_probes = run / "probes", cfg.sft_epochs, True
+            probes, epochs, with_probes = run / "probes", cfg.sft.epochs, True
         else:
             # Compute-matched: sft() runs ceil(epochs * ceil(n / batch)) optimizer steps; give vanilla
             # SFT exactly as many as EI-SFT (its few sequences are seen for proportionally more epochs).
-            ei_steps = math.ceil(cfg.sft_epochs * math.ceil(n_ei / cfg.sft_batch_size))
+            ei_steps = math.ceil(cfg.sft.epochs * math.ceil(n_ei / cfg.sft.batch_size))
             epochs = (cfg.vanilla_epochs if cfg.vanilla_epochs is not None
-                      else ei_steps / math.ceil(n_van / cfg.sft_batch_size))
+                      else ei_steps / math.ceil(n_van / cfg.sft.batch_size))
             probes, with_probes = run / "data" / "vanilla", False
-        export = sft(SFTConfig(model=str(student), probes=str(probes), out=str(out), with_probes=with_probes,
-                               with_original=True, epochs=epochs, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
-                               warmup_steps=cfg.sft_warmup, seed=seed, save_every=10**9, resume=resume,
-                               progress=cfg.progress, device="cpu"))
+        export = sft(replace(cfg.sft, model=str(student), probes=str(probes), with_probes=with_probes,
+                             with_original=True, epochs=epochs, **per_arm))
         recs = _metrics(out)
         return {"export": str(export), "epochs": epochs, "steps": len(recs),
                 "nll_first": recs[0]["nll"] if recs else None, "nll_last": recs[-1]["nll"] if recs else None}
-    knobs = {"rl_outcome": dict(bonus=False, aux_coef=0.0), "rl_aux": dict(bonus=False, aux_coef=cfg.aux_coef),
-             "exgrpo": dict(bonus=True, aux_coef=cfg.aux_coef)}[arm]
+    knobs = {"rl_outcome": dict(bonus=False, aux_coef=0.0), "rl_aux": dict(bonus=False, aux_coef=cfg.rl.aux_coef),
+             "exgrpo": dict(bonus=True, aux_coef=cfg.rl.aux_coef)}[arm]
     init = run / "arms" / f"seed{seed}" / "sft_ei" / "export"
-    export = train(TrainConfig(model=str(init), probes=str(run / "probes"), out=str(out), steps=cfg.rl_steps,
-                               questions_per_step=cfg.questions_per_step, group_size=cfg.group_size,
-                               k_probes=cfg.k_probes, max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr, beta=cfg.beta,
-                               delta=cfg.delta, nu=cfg.nu, seed=seed, save_every=10**9, resume=resume,
-                               progress=cfg.progress, device="cpu", **knobs))
+    export = train(replace(cfg.rl, model=str(init), probes=str(run / "probes"), **per_arm, **knobs))
     recs = _metrics(out)
     tail = recs[-max(1, len(recs) // 3):]
     return {"export": str(export), "steps": len(recs),

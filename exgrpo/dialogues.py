@@ -1,6 +1,11 @@
 """Probe sets -> Scenario A/B dialogues -> token ids with the three masks.
 
-A dialogue is a list of chat messages; every assistant message says how it is trained:
+Two ways to tokens. Rollouts (`turn_segments`): the chat template's text around the assistant turns is
+rendered once and tokenised segment by segment, and the student's sampled ids go between the segments
+as they are, never decoded and re-encoded (token in, token out). Teacher-forced text (`render`): SFT
+pairs and the auxiliary probe answers, whose contents are text to begin with.
+
+For `render`, a dialogue is a list of chat messages; every assistant message says how it is trained:
     "policy"  student-generated: the clipped policy loss
     "sft"     teacher-forced teacher response: the auxiliary SFT loss
     None      context only (all user turns; assistant turns used as history but not trained)
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -42,7 +48,8 @@ class ProbeItem:
 
 
 def load_probe_set(path: str | Path, *, kept_only: bool = True) -> list[ProbeItem]:
-    """Read `probe_set.jsonl` from `exgrpo probe`: kept questions, each with its kept probes."""
+    """Read `probe_set.jsonl` from `exgrpo probe`: kept questions, each with its kept probes, in the order of
+    their task and example id."""
     p = Path(path)
     if p.is_dir():
         p = p / "probe_set.jsonl"
@@ -64,7 +71,14 @@ def load_probe_set(path: str | Path, *, kept_only: bool = True) -> list[ProbeIte
             items.append(ProbeItem(Example.from_dict(rec["example"]), probes))
     if not items:
         raise DialogueError(f"{p} holds no kept question: nothing to train on (run `exgrpo probe` first)")
-    return items
+    # `exgrpo probe` appends each question as its teacher calls finish, so the file's order varies from run
+    # to run; training order must depend on the probe set's contents only.
+    return sorted(items, key=lambda it: (it.example.task, _natural(it.example.id)))
+
+
+def _natural(s: str) -> tuple:
+    """"q-2" before "q-10"."""
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s))
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -74,8 +88,11 @@ def sample_probes(item: ProbeItem, k: int, rng: random.Random) -> list[Probe]:
     return rng.sample(list(item.probes), min(k, len(item.probes)))
 
 
-def partial_count(k_full: int, rng: random.Random) -> int:
-    """Scenario B keeps the first k' < k probes, k' uniform in 1..k-1 (0 when k <= 1). [choice]"""
+def partial_count(k_full: int, rng: random.Random, fixed: int | None = None) -> int:
+    """Scenario B keeps the first k' < k probes: k' uniform in 1..k-1 (0 when k <= 1), or min(fixed, k-1)
+    (--partial-probes). [choice]"""
+    if fixed is not None:
+        return max(0, min(fixed, k_full - 1))
     return rng.randint(1, k_full - 1) if k_full > 1 else 0
 
 
@@ -115,6 +132,37 @@ def _render(tok, messages, add_generation_prompt=False) -> str:
 def prompt_ids(tok, messages) -> list[int]:
     """Token ids of the conversation so far plus the generation prompt for the next assistant turn."""
     return tok(_render(tok, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
+
+
+# Stands in for the i-th assistant turn while the template is rendered: private-use code points, no
+# whitespace (a template that trims contents leaves it alone), never in real text.
+_HOLE = "\ue000{}\ue001"
+_HOLE_RE = re.compile("\ue000[0-9]+\ue001")
+
+
+def turn_segments(tok, user_turns: list[dict]) -> list[list[int]]:
+    """The chat template's token ids around the assistant turns of a dialogue whose user messages are
+    `user_turns` (probes..., then Q): segments[t] goes before assistant turn t (segments[0] starts the
+    dialogue, each ends with the generation prompt), segments[-1] closes the last turn.
+
+    Turn t's prompt is segments[0] + reply_0 + ... + segments[t], with the replies' sampled ids in
+    place: exactly what the rollout engine is given and what is trained afterwards. Each segment is
+    rendered by the template and tokenised once, so a reply's ids never merge with their neighbours."""
+    msgs: list[dict] = []
+    for i, u in enumerate(user_turns):
+        msgs += [{"role": "user", "content": u["content"]}, {"role": "assistant", "content": _HOLE.format(i)}]
+    text = _render(tok, msgs)
+    holes = [m.group(0) for m in _HOLE_RE.finditer(text)]
+    if holes != [_HOLE.format(i) for i in range(len(user_turns))]:
+        raise DialogueError("the chat template drops, repeats or reorders assistant turns; the sampled turns "
+                            "cannot be placed in the dialogue")
+    parts = _HOLE_RE.split(text)
+    for t in range(len(user_turns)):                    # prefix-stable: turn t's prompt is what the model saw
+        want = "".join(p + h for p, h in zip(parts[:t], holes[:t])) + parts[t]
+        if _render(tok, msgs[: 2 * t + 1], add_generation_prompt=True) != want:
+            raise DialogueError("the chat template is not prefix-stable: the prompt for a turn is not a prefix of "
+                                "the whole dialogue, so the sampled turns cannot be placed in it")
+    return [tok(p, add_special_tokens=False).input_ids if p else [] for p in parts]
 
 
 def render(tok, messages: list[dict]) -> Tokenized:

@@ -96,10 +96,13 @@ def lm_head(model) -> tuple[torch.Tensor, float | None]:
     return head.weight, softcap
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final (normed) hidden states [B, L, H]: the decoder without its LM head, so no [B, L, V] logits."""
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Final (normed) hidden states [B, L, H]: the decoder without its LM head, so no [B, L, V] logits.
+    Packed rows: attention_mask None and position_ids restarting at 0 for each sequence, from which
+    transformers masks attention to within each sequence."""
     decoder, _ = _base_and_causal(model)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
 

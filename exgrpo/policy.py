@@ -15,18 +15,24 @@ from exgrpo.models import hidden_states, lm_head
 
 
 class Policy(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
+    """`backend` and `chunk_mb` (the kernel settings, exgrpo.settings.KernelSettings) are fixed here, once,
+    for every forward; `pad_id` fills the padded layout's empty positions."""
+
+    def __init__(self, model: torch.nn.Module, *, pad_id: int = 0, backend: str = "auto",
+                 chunk_mb: float | None = None):
         super().__init__()
         self.model = model
+        self.pad_id, self.backend, self.chunk_mb = pad_id, backend, chunk_mb
 
-    def forward(self, input_ids, attention_mask, targets, *, logprobs_only: bool = False, backend: str = "auto",
+    def forward(self, input_ids, attention_mask, targets, *, position_ids=None, logprobs_only: bool = False,
                 temperature: float = 1.0, **loss_kwargs):
-        h = hidden_states(self.model, input_ids, attention_mask)        # [b, T, H]
+        """attention_mask [b, T] (padded rows) or None with position_ids [b, T] (packed rows)."""
+        h = hidden_states(self.model, input_ids, attention_mask, position_ids)     # [b, T, H]
         W, softcap = lm_head(self.model)                                 # [V, H], tied to the embedding
+        kernel = dict(temperature=temperature, softcap=softcap, backend=self.backend, chunk_mb=self.chunk_mb)
         if logprobs_only:
-            return token_logprobs(h, W, targets, temperature=temperature, softcap=softcap, backend=backend)
-        return fused_exgrpo_loss(h, W, targets, temperature=temperature, softcap=softcap, backend=backend,
-                                 **loss_kwargs)
+            return token_logprobs(h, W, targets, **kernel)
+        return fused_exgrpo_loss(h, W, targets, **kernel, **loss_kwargs)
 
     def decoder_layers(self):
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -1,47 +1,98 @@
-"""Rollout engines behind one interface, and the multi-turn driver.
+"""Rollout engines behind one interface, and the multi-turn driver: token ids in, token ids out.
 
-An engine answers a batch of conversations with one sampled assistant turn each:
-    engine.generate(conversations: list[list[dict]]) -> list[str]
-The multi-turn driver asks every dialogue's turn t at once: the student answers each probe with the
-whole history in context, its answer is appended, then it answers Q.
+An engine samples one assistant turn for each prompt, the prompt given as token ids:
+    engine.sample(prompts: list[list[int]], conversations: list[list[dict]]) -> list[Sample]
+`conversations` is the same history as chat messages (replies decoded), for engines that answer text;
+engines that sample ids ignore it. The ids an engine returns are the ids that are trained: the driver
+never decodes and re-encodes them, so the policy gradient lands on exactly the tokens the policy
+sampled (decode -> encode is not the identity for byte-level BPE at turn boundaries, for whitespace,
+for byte fallback). The chat template's own text between the turns is tokenised once per dialogue
+(`dialogues.turn_segments`) and the sampled ids go between its segments.
 
 Engines:
-    HFEngine    transformers `generate`: batched, left-padded, KV cache, stops at end of turn.
+    HFEngine    transformers `generate`: batched, left-padded, KV cache, stops at end of turn; the
+                sampler's log-probs at its temperature from a logits processor ([B, V] for one step only).
     VLLMEngine  vLLM's offline engine, colocated with the trainer (optional, imported lazily).
+    TextEngine  wraps an object whose `generate(conversations) -> list[str]` answers in text (scripted
+                engines in tests, remote models): its text is tokenised once and counts as sampled.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 
-from exgrpo.dialogues import prompt_ids
+from exgrpo.dialogues import turn_segments
+
+
+class Sample(NamedTuple):
+    ids: list[int]                      # [n] sampled ids; the last is end-of-turn when the engine stopped there
+    logprobs: list[float] | None        # [n] the sampler's log-prob of each, at its temperature; None if unknown
 
 
 class Engine(Protocol):
-    def generate(self, conversations: list[list[dict]]) -> list[str]: ...
+    tok: object
+
+    def sample(self, prompts: list[list[int]], conversations: list[list[dict]]) -> list[Sample]: ...
+
+
+@dataclass
+class DialogueRollout:
+    """One trajectory: a whole multi-turn dialogue as the engine saw and sampled it."""
+    ids: list[int]                      # [L] template segments and sampled replies
+    sampled: list[bool]                 # [L] ids the policy sampled (the policy loss trains these)
+    logprobs: list[float] | None        # [L] the sampler's log-prob where sampled, 0 elsewhere; None if unknown
+    replies: list[str]                  # one decoded reply per user turn; the last answers Q
+
+
+def _cut_at_eos(row: list[int], eos: int | None) -> list[int]:
+    """A generated row up to and including its first end-of-turn id (the rest is padding)."""
+    return row[: row.index(eos) + 1] if eos is not None and eos in row else row
+
+
+class _SampledLogprobs:
+    """A logits processor that records log softmax(scores / T) of each sampled token. generate() runs
+    user processors after its own (min_new_tokens masking) and before the temperature warper, so the
+    scores here are the sampled distribution times T. The token sampled at step t is read off input_ids
+    at step t+1; only one step's [B, V] log-softmax is held (16 MB at B = 16, V = 256000)."""
+
+    def __init__(self, temperature: float):
+        self.inv_t = 1.0 / temperature
+        self.prev: torch.Tensor | None = None          # [B, V] fp32, the last step's log-softmax
+        self.out: list[torch.Tensor] = []              # per step, [B]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.out.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = (scores.float() * self.inv_t).log_softmax(-1)
+        return scores
+
+    def finish(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """[B, n] log-probs of the n generated columns."""
+        n = new_ids.shape[1]
+        if len(self.out) < n and self.prev is not None:   # the last sampled token is never seen by a later step
+            self.out.append(self.prev.gather(1, new_ids[:, len(self.out):len(self.out) + 1]).squeeze(1))
+        self.prev = None
+        return torch.stack(self.out[:n], 1) if n else new_ids.new_zeros(new_ids.shape[0], 0, dtype=torch.float32)
 
 
 class HFEngine:
     def __init__(self, model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 1.0,
-                 batch_size: int = 64, max_context: int | None = None):
+                 batch_size: int = 64, max_context: int | None = None, min_new_tokens: int | None = None):
         self.model, self.tok = model, tokenizer
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.max_context = max_context
+        self.min_new_tokens = min_new_tokens    # = max_new_tokens fixes every reply's length (benchmarks)
 
-    def generate(self, conversations: list[list[dict]]) -> list[str]:
-        ids = self.generate_ids([prompt_ids(self.tok, c) for c in conversations])
-        return [self.tok.decode(row, skip_special_tokens=True).strip() for row in ids]
-
-    @torch.no_grad()
-    def generate_ids(self, prompts: list[list[int]], *, min_new_tokens: int | None = None) -> list[list[int]]:
-        """Sampled completion ids per prompt, cut at the end-of-turn token. min_new_tokens =
-        max_new_tokens fixes every completion's length (benchmarks: the same work on every run)."""
-        out: list[list[int]] = []
+    def sample(self, prompts: list[list[int]], conversations=None) -> list[Sample]:
+        from transformers import LogitsProcessorList
+        out: list[Sample] = []
         was_training = self.model.training
         self.model.eval()
         dev = next(self.model.parameters()).device
-        pad = self.tok.pad_token_id
+        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        sample = self.temperature > 0
         try:
             for i in range(0, len(prompts), self.batch_size):
                 batch = prompts[i:i + self.batch_size]
@@ -54,41 +105,82 @@ class HFEngine:
                 for j, p in enumerate(batch):                # left padding: every prompt ends at the same column
                     ids[j, longest - len(p):] = torch.tensor(p)
                     att[j, longest - len(p):] = 1
-                sample = self.temperature > 0
-                gen = self.model.generate(
-                    input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=self.max_new_tokens,
-                    min_new_tokens=min_new_tokens, do_sample=sample, temperature=self.temperature if sample else None,
-                    top_p=None, top_k=None, eos_token_id=self.tok.eos_token_id, pad_token_id=pad, use_cache=True)
-                for row in gen[:, longest:].tolist():
-                    if self.tok.eos_token_id in row:
-                        row = row[:row.index(self.tok.eos_token_id)]
-                    out.append(row)
+                rec = _SampledLogprobs(self.temperature) if sample else None
+                with torch.no_grad():
+                    gen = self.model.generate(
+                        input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=self.max_new_tokens,
+                        min_new_tokens=self.min_new_tokens, do_sample=sample,
+                        temperature=self.temperature if sample else None, top_p=None, top_k=None,
+                        eos_token_id=eos, pad_token_id=pad, use_cache=True,
+                        logits_processor=LogitsProcessorList([rec] if rec is not None else []))
+                new = gen[:, longest:]
+                lps = rec.finish(new).tolist() if rec is not None else None
+                for j, row in enumerate(new.tolist()):
+                    row = _cut_at_eos(row, eos)
+                    out.append(Sample(row, lps[j][: len(row)] if lps is not None else None))
         finally:
             self.model.train(was_training)
         return out
 
 
-class VLLMEngine:
-    """vLLM offline engine colocated with the trainer: weights synced after each update, memory
-    released while the trainer steps (sleep/wake). Needs a GPU and `pip install exgrpo[gpu]`.
+class TextEngine:
+    """An engine for objects that answer conversations with text (`generate(conversations) -> list[str]`):
+    each reply is tokenised once, with the end-of-turn id after it as if the model had stopped there, and
+    those ids are what is trained. No log-probs."""
 
-    Not exercised by the CPU test suite: vLLM cannot run without a GPU.
+    def __init__(self, engine, tokenizer):
+        self.engine, self.tok = engine, tokenizer
+
+    def sample(self, prompts, conversations) -> list[Sample]:
+        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        return [Sample(self.tok(r, add_special_tokens=False).input_ids + eos, None)
+                for r in self.engine.generate(conversations)]
+
+
+def as_engine(engine, tokenizer) -> Engine:
+    """`engine` itself if it samples ids, else a TextEngine around it."""
+    if hasattr(engine, "sample"):
+        return engine
+    if hasattr(engine, "generate"):
+        return TextEngine(engine, tokenizer)
+    raise TypeError(f"{type(engine).__name__} is not a rollout engine: it has neither sample(prompts, "
+                    "conversations) nor generate(conversations)")
+
+
+class VLLMEngine:
+    """vLLM offline engine colocated with the trainer: prompts as token ids, sampled ids and their
+    log-probs back (processed, i.e. at the sampling temperature, where this vLLM supports
+    logprobs_mode), weights synced after each update, memory released while the trainer steps
+    (sleep/wake). Needs a GPU and `pip install exgrpo[gpu]`.
+
+    Not exercised by the CPU test suite: vLLM cannot run without a GPU (the vLLM issue runs it on a CPU build).
     """
 
-    def __init__(self, model_dir: str, *, max_new_tokens: int = 512, temperature: float = 1.0,
+    def __init__(self, model_dir: str, tokenizer, *, max_new_tokens: int = 512, temperature: float = 1.0,
                  gpu_memory_utilization: float = 0.35, seed: int = 0):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise RuntimeError("the vllm rollout engine needs vllm (pip install 'exgrpo[gpu]')") from e
-        self.llm = LLM(model=model_dir, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
-                       seed=seed)
-        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature)
+        self.tok = tokenizer
+        kw = dict(model=model_dir, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        try:                                          # log-probs of the distribution sampled, not the raw logits
+            self.llm = LLM(**kw, logprobs_mode="processed_logprobs")
+        except TypeError:
+            self.llm = LLM(**kw)
+        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0,
+                                     stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
 
-    def generate(self, conversations: list[list[dict]]) -> list[str]:
-        clean = [[{"role": m["role"], "content": m["content"]} for m in c] for c in conversations]
-        outs = self.llm.chat(clean, self.params, use_tqdm=False)
-        return [o.outputs[0].text.strip() for o in outs]
+    def sample(self, prompts, conversations=None) -> list[Sample]:
+        from vllm.inputs import TokensPrompt
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], self.params, use_tqdm=False)
+        samples = []
+        for o in outs:
+            c = o.outputs[0]
+            ids = _cut_at_eos(list(c.token_ids), self.tok.eos_token_id)
+            lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)] if c.logprobs else None
+            samples.append(Sample(ids, lps))
+        return samples
 
     def sync_weights(self, model) -> None:
         """Push the trainer's current weights (LoRA merged on the fly) into the engine."""
@@ -113,18 +205,38 @@ def _merged_state(model) -> dict:
         model.unmerge_adapter()
 
 
-def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[list[str]]:
-    """user_turns[d] = the user messages of dialogue d (probes..., then Q). Returns each dialogue's
-    student answers, one per user turn, generated turn by turn with the history in context."""
-    answers: list[list[str]] = [[] for _ in user_turns]
+def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[DialogueRollout]:
+    """user_turns[d] = the user messages of dialogue d (probes..., then Q). Every dialogue's turn t is
+    sampled in one batch, the student answering with the whole history in context; its ids stay in
+    the dialogue as sampled. Returns one DialogueRollout per dialogue."""
+    tok = engine.tok
+    eos = tok.eos_token_id
+    segments = [turn_segments(tok, turns) for turns in user_turns]
+    ids = [list(s[0]) for s in segments]
+    sampled = [[False] * len(x) for x in ids]
+    lps: list[list[float] | None] = [[0.0] * len(x) for x in ids]
+    replies: list[list[str]] = [[] for _ in user_turns]
+    convs: list[list[dict]] = [[] for _ in user_turns]
+
+    def append(d: int, seg: list[int], stopped: bool) -> None:
+        if stopped and seg[:1] == [eos]:             # the template's end-of-turn marker was sampled already
+            seg = seg[1:]
+        ids[d] += seg
+        sampled[d] += [False] * len(seg)
+        if lps[d] is not None:
+            lps[d] += [0.0] * len(seg)
+
     for t in range(max(map(len, user_turns), default=0)):
         live = [d for d, turns in enumerate(user_turns) if t < len(turns)]
-        convs = []
         for d in live:
-            conv = []
-            for u, a in zip(user_turns[d][:t], answers[d]):
-                conv += [u, {"role": "assistant", "content": a}]
-            convs.append(conv + [user_turns[d][t]])
-        for d, reply in zip(live, engine.generate(convs)):
-            answers[d].append(reply)
-    return answers
+            convs[d].append({"role": "user", "content": user_turns[d][t]["content"]})
+        outs = engine.sample([list(ids[d]) for d in live], [list(convs[d]) for d in live])
+        for d, s in zip(live, outs):
+            ids[d] += s.ids
+            sampled[d] += [True] * len(s.ids)
+            lps[d] = None if s.logprobs is None or lps[d] is None else lps[d] + list(s.logprobs)
+            text = tok.decode(s.ids, skip_special_tokens=True).strip()
+            replies[d].append(text)
+            convs[d].append({"role": "assistant", "content": text})
+            append(d, segments[d][t + 1], stopped=bool(s.ids) and s.ids[-1] == eos)
+    return [DialogueRollout(ids[d], sampled[d], lps[d], replies[d]) for d in range(len(user_turns))]

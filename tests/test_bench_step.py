@@ -38,11 +38,14 @@ def test_step_bench_tiny(benchmark, tmp_path):
                 assert p["tokens_per_s"] > 0, (case, ph)
         assert r["update_tflops"] > 0 and r["update_frac_of_matmul"] > 0
         assert r["phases"]["update"]["ms"] >= r["phases"]["loss"]["ms"]
-    # every trajectory: (prompt A or B) + the fixed completion, G = 2 of each per question
-    a = record["args"]
-    assert res["exgrpo:lora"]["phases"]["logprobs"]["tokens"] == 2 * (a["prompt_len"] + a["partial_len"] +
-                                                                       2 * a["completion"])
-    assert res["exgrpo:lora"]["phases"]["rollout"]["tokens"] == 4 * a["completion"]
+    # the trainer's step: per question G = 2 Scenario A dialogues (k = 2 probes + Q: 3 turns) and 2 of B
+    # (k' = 1: 2 turns), every turn exactly `completion` sampled tokens, plus one teacher-forced aux sequence
+    a, r = record["args"], res["exgrpo:lora"]
+    assert (a["k_probes"], a["group"], a["questions"]) == (2, 2, 1)
+    assert r["phases"]["rollout"]["tokens"] == 2 * (3 + 2) * a["completion"]
+    assert r["trajectories"] == 4 and r["sequences"] == 5 and len(r["sequence_lens"]) == 5
+    assert r["phases"]["logprobs"]["tokens"] == sum(r["sequence_lens"])
+    assert r["packed"] and r["padding_frac"] == 0.0
     # the same loss and gradient, fused kernels vs materialised logits, on the same weights and
     # micro-batches (the last step's: the policy has moved off the reference, so the KL term counts)
     for case in ("exgrpo:lora", "exgrpo:full"):
@@ -62,6 +65,27 @@ def test_step_bench_tiny(benchmark, tmp_path):
         top = res[case]["profile_loss"]
         assert top and all(t["self_ms"] >= 0 and t["calls"] >= 1 for t in top)
         assert any("mm" in t["op"] for t in top), [t["op"] for t in top]
+
+
+def test_step_bench_runs_the_trainers_step(tmp_path):
+    """The exgrpo cases run what `exgrpo train` trains: the first step's loss in the benchmark (its own
+    process) equals train()'s on the same model, probe set, seed and rewards, for LoRA and full FT."""
+    from bench.step import bench_reward, engine_factory, main, parse, train_config
+    from exgrpo.train import train
+    argv = ["--tiny", "--cases", "exgrpo:lora", "exgrpo:full", "--full-optimizer", "adamw", "--no-eager-loss",
+            "--model-dir", str(tmp_path / "model"), "--out", str(tmp_path)]
+    record = main(argv)
+    a = parse(argv)
+    a.device_type, a.model_path = "cpu", tmp_path / "model"
+    for r in record["results"]:
+        assert r.get("error") is None, r["error"]
+        mode = r["case"].split(":")[1]
+        cfg = train_config(a, mode, out=str(tmp_path / f"train-{mode}"))
+        cfg.steps, cfg.save_every = 1, 1
+        train(cfg, engine=engine_factory(a), reward_fn=bench_reward)
+        rec = json.loads((tmp_path / f"train-{mode}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert rec["n_tokens"] > 0 and rec["n_sft_tokens"] > 0, "policy and auxiliary SFT tokens both trained"
+        assert rec["loss"] == pytest.approx(r["losses"][0], rel=1e-6, abs=1e-9), mode
 
 
 def test_step_bench_targets_are_judged_on_measurements_only():
