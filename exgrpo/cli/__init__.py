@@ -1,4 +1,7 @@
-"""`exgrpo` command line: one subcommand per stage, each in its own module.
+"""`exgrpo` command line: one subcommand per stage.
+
+Each subcommand is a module of this package (the entry points; the library they wire is the rest of
+exgrpo/).
 
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. They are imported
 lazily so that `exgrpo --help` stays fast and a missing optional dependency only breaks its own
@@ -12,12 +15,12 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "backends": ("exgrpo.kernels_info", "list the kernel backends and why any is unavailable"),
-    "probe": ("exgrpo.probe_cli", "build or resume an Explanatory Inversion probe set (Stage 1)"),
-    "sft": ("exgrpo.train_cli", "SFT warm-up on the teacher's responses (Stage 2)"),
-    "train": ("exgrpo.train_cli", "ExGRPO on multi-turn probe dialogues (Stage 3)"),
-    "eval": ("exgrpo.eval_cli", "single-pass greedy accuracy per task and split (the student sees Q alone)"),
-    "demo": ("exgrpo.demo_cli", "the main job: EI -> SFT -> ExGRPO ablation on the embedded default, on a CPU"),
+    "backends": ("exgrpo.cli.backends", "list the kernel backends and why any is unavailable"),
+    "probe": ("exgrpo.cli.probe", "build or resume an Explanatory Inversion probe set (Stage 1)"),
+    "sft": ("exgrpo.cli.train", "SFT warm-up on the teacher's responses (Stage 2)"),
+    "train": ("exgrpo.cli.train", "ExGRPO on multi-turn probe dialogues (Stage 3)"),
+    "eval": ("exgrpo.cli.eval", "single-pass greedy accuracy per task and split (the student sees Q alone)"),
+    "demo": ("exgrpo.cli.demo", "the main job: EI -> SFT -> ExGRPO ablation on the embedded default, on a CPU"),
 }
 
 
