@@ -102,7 +102,7 @@ def parse(argv=None):
     a.shape = dict(TINY if a.tiny else GEMMA_7B)
     if a.tiny:
         a.k_probes, a.probe_len, a.question_len, a.response_len, a.completion = 2, 6, 8, 6, 4
-        a.group, a.micro_batch_tokens = 2, 96
+        a.group, a.micro_batch_tokens = 2, 192            # several micro-batches, some padding when padded
         a.warmup, a.steps, a.lora_r, a.lr = 0, 2, 4, 1e-3      # step 2: policy != reference, so KL counts
         a.device = a.device or "cpu"
     for name in ("questions", "group", "k_probes", "probe_len", "question_len", "response_len", "completion", "steps",
@@ -663,6 +663,10 @@ def main(argv=None):
         if "update_tflops" in r:
             print(f"{r['case']}: update {r['update_tflops']:.3g} useful TFLOP/s = "
                   f"{r['update_frac_of_matmul']:.0%} of the {mm:.3g} TFLOP/s matmul rate")
+        if "padding_frac" in r:
+            print(f"{r['case']}: {'packed' if r['packed'] else 'padded'} micro-batches, padding "
+                  f"{r['padding_frac']:.1%} of the tokens (padded rows would have had "
+                  f"{r['padding_frac_padded_layout']:.1%})")
     for r in record["results"]:
         if r.get("profile_loss"):
             print(f"\n{r['case']}: loss phase, top operators by self time")
