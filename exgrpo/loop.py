@@ -31,7 +31,8 @@ def load_student(cfg):
     mixed = d.on and dev.type == "cuda" and cfg.dtype != "fp32"
     model, tok, dev = init_student(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                    dtype="fp32" if mixed else cfg.dtype, device=str(dev),
-                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)
+                                   gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
+                                   attention=cfg.attention)
     return d, dev, model, tok, mixed
 
 
@@ -54,7 +55,8 @@ def make_reference(cfg, model, tok, d: Dist, dev, mixed: bool):
     from exgrpo.policy import Policy
     if cfg.beta <= 0 or cfg.lora:
         return None
-    ref = Policy(load_model(cfg.model, dtype=next(model.parameters()).dtype, device=dev).eval(),
+    ref = Policy(load_model(cfg.model, dtype=next(model.parameters()).dtype, device=dev,
+                            attention=model.config._attn_implementation).eval(),
                  pad_id=tok.pad_token_id, backend=cfg.backend, chunk_mb=cfg.chunk_mb)
     ref.requires_grad_(False)
     if d.on:

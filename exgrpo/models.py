@@ -49,10 +49,35 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+
+
+def attention_for(attention: str, dtype: torch.dtype, device: str | torch.device) -> str:
+    """The attention implementation to load: "auto" is flash_attention_2 on CUDA in bf16/fp16 when flash-attn
+    is installed (packed rows then pass sequence boundaries, no [T, T] mask), else sdpa (packed rows get a
+    block-diagonal boolean mask)."""
+    if attention not in ATTENTION:
+        raise ModelError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    flash_ok = torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    if attention == "flash_attention_2":
+        import importlib.util
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelError("attention='flash_attention_2' needs flash-attn (pip install 'exgrpo[gpu]')")
+        if not flash_ok:
+            raise ModelError(f"flash_attention_2 runs on CUDA in bf16/fp16, not {torch.device(device).type} {dtype}")
+        return attention
+    if attention == "auto":
+        import importlib.util
+        return "flash_attention_2" if flash_ok and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    return attention
+
+
+def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
     path = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                 attn_implementation=attention_for(attention, dtype, device))
     return model.to(device)
 
 
@@ -166,7 +191,8 @@ def build_tiny_student(out_dir: str | Path, corpus: list[str], *, size: str = "t
 
 
 def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16, lora_alpha: int = 32,
-                 dtype: str = "auto", device: str = "auto", gradient_checkpointing: bool = False, seed: int = 0):
+                 dtype: str = "auto", device: str = "auto", gradient_checkpointing: bool = False, seed: int = 0,
+                 attention: str = "auto"):
     """Load the student for training: (model, tokenizer, device). bf16 on CUDA and fp32 on CPU by default.
     LoRA adapters are initialised from `seed`: a run is reproducible, and every rank of a sharded run
     starts from the same adapter."""
@@ -174,7 +200,7 @@ def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16,
     dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
           "fp32": torch.float32}[dtype]
     tok = load_tokenizer(check_model_dir(model_dir))
-    model = load_model(model_dir, dtype=dt, device=dev)
+    model = load_model(model_dir, dtype=dt, device=dev, attention=attention)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:

@@ -28,6 +28,7 @@ class ModelSettings:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"                    # auto: cuda if available, else cpu
     gradient_checkpointing: bool = False    # recompute each layer's activations in backward
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"   # auto: flash-attn on CUDA if installed
 
 
 @dataclass

@@ -117,3 +117,20 @@ def test_packed_rows_keep_sequences_apart(tiny_student, batch):
     fp32 = (alone_logprobs(model, last) - alone_logprobs(truth_model, last))[trained].abs().max().item()
     assert leak > 100 * fp32, (f"attending across sequences changes the log-probs by {leak:.1e}, not far above fp32 "
                                f"rounding ({fp32:.1e}): this test would not see a leak")
+
+
+def test_attention_choice():
+    """auto: flash_attention_2 only on CUDA in bf16/fp16 with flash-attn installed, else sdpa; an explicit
+    choice that cannot run says why."""
+    import importlib.util
+
+    from exgrpo.models import ModelError, attention_for
+    assert attention_for("auto", torch.float32, "cpu") == "sdpa"
+    assert attention_for("auto", torch.bfloat16, "cpu") == "sdpa"
+    assert attention_for("eager", torch.float32, "cpu") == "eager"
+    with pytest.raises(ModelError, match="attention must be one of"):
+        attention_for("flash", torch.float32, "cpu")
+    with pytest.raises(ModelError, match="flash"):
+        attention_for("flash_attention_2", torch.float32, "cpu")
+    if importlib.util.find_spec("flash_attn") is None:
+        assert attention_for("auto", torch.bfloat16, "cuda") == "sdpa"
