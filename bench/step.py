@@ -272,7 +272,7 @@ def model_flops(shape: dict, seq_lens: list[int], lm_rows: int, *, train_weights
 
 def run_exgrpo(a, mode: str) -> dict:
     """The trainer's step, phase by phase: exactly the calls exgrpo/train.py makes, with a meter between them."""
-    from exgrpo import loop
+    from exgrpo import distributed, loop
     from exgrpo import step as S
     from exgrpo.batching import layout_tokens, loss_and_backward
     from exgrpo.dialogues import load_probe_set
@@ -281,7 +281,8 @@ def run_exgrpo(a, mode: str) -> dict:
 
     cfg = train_config(a, mode, out=tempfile.mkdtemp(prefix="exgrpo-bench-"))
     items = load_probe_set(cfg.probes)
-    d, dev, model, tok, mixed = loop.load_student(cfg)
+    d, dev = distributed.init(cfg.device)
+    model, tok, mixed = loop.load_student(cfg, d, dev)
     policy = loop.make_policy(model, tok, cfg, d, dev, mixed)
     ref = loop.make_reference(cfg, model, tok, d, dev, mixed)
     opt, _ = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=0, total_steps=cfg.steps,
@@ -316,8 +317,9 @@ def run_exgrpo(a, mode: str) -> dict:
             opt.zero_grad(set_to_none=True)
             if a.device_type == "cuda":
                 torch.cuda.empty_cache()
-        m, gnorm, _ = S.optimize(policy, opt, batch, seqs, loss, updates=cfg.updates_per_batch,
-                                 grad_clip=cfg.grad_clip, d=SINGLE, dev=dev, mark=meter.mark)
+        upd = S.optimize(policy, opt, batch, seqs, loss, updates=cfg.updates_per_batch, grad_clip=cfg.grad_clip,
+                         d=SINGLE, dev=dev, mark=meter.mark)
+        m, gnorm = upd.metrics, upd.grad_norm
         rec = meter.take()
         if step >= a.warmup:
             steps.append(rec)
@@ -374,7 +376,7 @@ def trl_prompt_lens(a, tok, step: int) -> list[int]:
     from exgrpo.dialogues import load_probe_set, turn_segments
     from exgrpo.distributed import SINGLE
     cfg = train_config(a, "lora", out="")
-    plan = S.plan_step(load_probe_set(cfg.probes), step, S.begin_step(cfg.seed, step, SINGLE), cfg, SINGLE)
+    plan = S.plan_step(load_probe_set(cfg.probes), step, S.step_seed(cfg.seed, step), cfg, SINGLE)
     out = []
     for t in plan.trajectories[:: a.group]:                 # one per (question, scenario): its G are alike
         segs = turn_segments(tok, list(t.turns))

@@ -1,11 +1,14 @@
 """Training sequences -> token-budgeted micro-batches -> the fused loss, for SFT and ExGRPO alike.
 
-Two layouts. Packed (the default): the sequences of a micro-batch are laid end to end in one row, with
-position ids restarting at 0 for each and no attention mask, so the model attends within each
-sequence only (transformers builds a block-diagonal causal mask from the position ids for sdpa and
-eager attention, and flash_attention_2 reads them as cumulative sequence lengths); there is no
-padding at all. Padded: one row per sequence, right-padded to the longest of the micro-batch, sorted
-by length so the padding stays small. Both give the same loss and gradients (tests/test_packing.py).
+Layouts. Packed (the default): several sequences share a row, laid end to end, with position ids
+restarting at 0 for each and no attention mask; transformers then keeps attention within each sequence
+(flash_attention_2 reads the boundaries off the position ids as variable-length sequences, for a
+single row only; sdpa and eager get a block-diagonal causal mask). With flash-attn every sequence of a
+micro-batch goes in one row and there is no padding at all; with sdpa/eager, whose masked attention
+costs the square of the row's length, rows are as wide as the micro-batch's longest sequence and are
+filled first-fit, so attention costs no more than the padded layout's and there are fewer rows and
+little padding. Padded: one row per sequence, right-padded to the longest, sorted by length so the
+padding stays small. Every layout gives the same loss and gradients (tests/test_packing.py).
 
 A micro-batch's loss is scaled so that summing the micro-batches' gradients gives exactly the
 full batch's token-mean objective: per-token weights N_micro/N_total for the policy tokens and an
@@ -62,30 +65,40 @@ def _groups(seqs: list[Sequence], token_budget: int, packed: bool) -> list[list[
     return groups
 
 
-def layout_tokens(seqs: list[Sequence], token_budget: int, *, packed: bool) -> tuple[int, int]:
+def _layout(lens: list[int], packed: bool, one_row: bool) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """(rows, columns) of a micro-batch of sequences of these lengths, and each one's (row, first column)."""
+    if not packed:
+        return (len(lens), max(lens)), [(r, 0) for r in range(len(lens))]
+    width = sum(lens) if one_row else max(lens)
+    free: list[int] = []                                # columns left in each row
+    starts: list[tuple[int, int]] = [(0, 0)] * len(lens)
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):     # first fit, longest first
+        r = next((r for r, f in enumerate(free) if f >= lens[i]), len(free))
+        if r == len(free):
+            free.append(width)
+        starts[i] = (r, width - free[r])
+        free[r] -= lens[i]
+    return (len(free), width), starts
+
+
+def layout_tokens(seqs: list[Sequence], token_budget: int, *, packed: bool, one_row: bool = False) -> tuple[int, int]:
     """(tokens, of which padding) that micro_batches would lay out for these sequences, without building them."""
     tokens = padding = 0
     for g in _groups(seqs, token_budget, packed):
         lens = [len(seqs[i].ids) for i in g]
-        width = sum(lens) if packed else len(lens) * max(lens)
-        tokens, padding = tokens + width, padding + width - sum(lens)
+        (rows, width), _ = _layout(lens, packed, one_row)
+        tokens, padding = tokens + rows * width, padding + rows * width - sum(lens)
     return tokens, padding
 
 
-def micro_batches(seqs: list[Sequence], token_budget: int, pad_id: int, device, *, packed: bool = True
-                  ) -> list[MicroBatch]:
+def micro_batches(seqs: list[Sequence], token_budget: int, pad_id: int, device, *, packed: bool = True,
+                  one_row: bool = False) -> list[MicroBatch]:
+    """Micro-batches of at most `token_budget` tokens (see the module docstring for the layouts); one_row:
+    every packed sequence of a micro-batch in one row (what flash_attention_2 needs)."""
     out = []
     for g in _groups(seqs, token_budget, packed):
         lens = [len(seqs[i].ids) for i in g]
-        if packed:
-            shape = (1, sum(lens))
-            starts, col = [], 0
-            for n in lens:
-                starts.append((0, col))
-                col += n
-        else:
-            shape = (len(g), max(lens))
-            starts = [(r, 0) for r in range(len(g))]
+        shape, starts = _layout(lens, packed, one_row)
         ids = torch.full(shape, pad_id, dtype=torch.long)
         tgt = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(shape, dtype=torch.bool)

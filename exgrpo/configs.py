@@ -241,7 +241,11 @@ def _add_flags(parser, cls: type, prefix: str, skip: set[str], defaults: Any = N
             helptext = f"{comments[f.name]} ({helptext})"
         helptext = helptext.replace("%", "%%")  # argparse %-formats help strings
         kw = dict(dest=prefix + f.name, default=argparse.SUPPRESS)
-        if base is bool:
+        if base is bool and prefix:                     # --rl.packed / --rl.no-packed
+            parser.add_argument(flag, action="store_const", const=True, help=helptext, **kw)
+            parser.add_argument("--" + prefix + "no-" + f.name.replace("_", "-"), action="store_const", const=False,
+                                help=argparse.SUPPRESS, **kw)
+        elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=helptext, **kw)
         elif typing.get_origin(base) is Literal:
             parser.add_argument(flag, choices=typing.get_args(base), help=helptext, **kw)
@@ -259,8 +263,13 @@ def config_from_args(cls: type[T], args: argparse.Namespace, table: str | None =
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """The merged config as JSON (tuples become lists; `make_config` reads them back)."""
+    """The merged config as JSON (tuples become lists; `make_config` reads them back). Sub-settings that
+    the config sets itself (its FIXED) are left out: they are not settings of it."""
+    d = dataclasses.asdict(cfg)
+    for outer, names in getattr(type(cfg), "FIXED", {}).items():
+        for n in names:
+            d[outer].pop(n, None)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
+    p.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
     return p

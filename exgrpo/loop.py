@@ -1,14 +1,17 @@
 """What the SFT and ExGRPO loops share, so that each loop file reads top to bottom as its own algorithm:
-loading the student, the set-up around it (Policy with the kernel settings, FSDP2 sharding, optimizer,
-resume, config and metrics in the run folder), the end of a step (non-finite streak, checkpoint
-cadence), the Ctrl-C save and the export.
+loading the student, the set-up around it (Policy with the kernel settings, FSDP2 sharding, the
+reference policy, optimizer, resume, config and metrics in the run folder), the end of a step
+(non-finite streak, checkpoint cadence), the Ctrl-C save and the export.
 
-    d, dev, model, tok, mixed = load_student(cfg)
-    run = start(cfg, d, dev, model, tok, total_steps=..., mixed=mixed)
+    d, dev = distributed.init(cfg.device)
+    model, tok, mixed = load_student(cfg, d, dev)
+    policy = make_policy(model, tok, cfg, d, dev, mixed)
+    run = start(cfg, d, dev, policy, tok, total_steps=...)
+    bar = run.steps(desc)
     with run.saving_on_interrupt():
-        for step in run.steps(desc):
-            ...                                   # the loop's own work: one optimize() per step
-            run.end_step(step, rec, skipped, loss, gnorm)
+        for step in bar:
+            ...                                   # the loop's own work: one step.optimize() per step
+            run.end_step(step, rec, update)
     export = run.export()
 """
 from __future__ import annotations
@@ -23,17 +26,16 @@ from exgrpo import checkpoint, distributed
 from exgrpo.distributed import Dist
 
 
-def load_student(cfg):
-    """(Dist, device, model, tokenizer, mixed): the process group, then the student (LoRA, gradient
-    checkpointing) on this rank's device. mixed: FSDP2 on CUDA keeps fp32 masters and computes in bf16."""
+def load_student(cfg, d: Dist, dev):
+    """(model, tokenizer, mixed): the student (LoRA, gradient checkpointing, attention) on this rank's
+    device. mixed: FSDP2 on CUDA keeps fp32 masters and computes in bf16."""
     from exgrpo.models import init_student
-    d, dev = distributed.init(cfg.device)
     mixed = d.on and dev.type == "cuda" and cfg.dtype != "fp32"
     model, tok, dev = init_student(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                    dtype="fp32" if mixed else cfg.dtype, device=str(dev),
                                    gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
                                    attention=cfg.attention)
-    return d, dev, model, tok, mixed
+    return model, tok, mixed
 
 
 def make_policy(model, tok, cfg, d: Dist, dev, mixed: bool):
@@ -87,15 +89,19 @@ class Run:
         return tqdm(range(self.start, self.total), initial=self.start, total=self.total, desc=desc,
                     disable=not (self.cfg.progress and self.d.main))
 
-    def end_step(self, step: int, rec: dict, skipped: bool, loss: float, gnorm: float) -> None:
-        """Log the step; a skipped (non-finite) step counts toward max_bad_steps (which stops the run with
-        the last good checkpoint), a finished one resets the count and is checkpointed on the cadence."""
-        self.bad_streak = self.bad_streak + 1 if skipped else 0
+    def end_step(self, step: int, rec: dict, upd) -> None:
+        """Log the step; an applied update resets the count of non-finite updates in a row, a skipped one adds
+        to it (max_bad_steps in a row stop the run with the last good checkpoint); a step that ends without
+        a skip is checkpointed on the cadence. `upd`: the step's exgrpo.step.Update."""
+        if upd.applied:
+            self.bad_streak = 0
+        if upd.skipped:
+            self.bad_streak += 1
         if self.d.main:
             self.log.write(rec)
-        if skipped:
-            checkpoint.note_skipped_step(self.dir, step + 1, loss, gnorm, self.bad_streak, self.cfg.max_bad_steps,
-                                         self.d)
+        if upd.skipped:
+            checkpoint.note_skipped_step(self.dir, step + 1, upd.metrics["loss"], upd.grad_norm, self.bad_streak,
+                                         self.cfg.max_bad_steps, self.d)
             return
         self.done = step + 1
         if self.done % self.cfg.save_every == 0 or self.done == self.total:

@@ -49,13 +49,17 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention")
+# Implementations that take a packed row's sequence boundaries from its position ids and skip the attention
+# between sequences: packed micro-batches go in one row for them (exgrpo.batching).
+VARLEN_ATTENTION = ("flash_attention_2", "flex_attention")
 
 
 def attention_for(attention: str, dtype: torch.dtype, device: str | torch.device) -> str:
     """The attention implementation to load: "auto" is flash_attention_2 on CUDA in bf16/fp16 when flash-attn
     is installed (packed rows then pass sequence boundaries, no [T, T] mask), else sdpa (packed rows get a
-    block-diagonal boolean mask)."""
+    block-diagonal boolean mask, so they are kept as wide as the longest sequence). flex_attention (torch's
+    FlexAttention, compiled; block-sparse over a packed row) is there to be asked for."""
     if attention not in ATTENTION:
         raise ModelError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     flash_ok = torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)

@@ -34,6 +34,13 @@ class Policy(torch.nn.Module):
             return token_logprobs(h, W, targets, **kernel)
         return fused_exgrpo_loss(h, W, targets, **kernel, **loss_kwargs)
 
+    @property
+    def one_row_packing(self) -> bool:
+        """Packed micro-batches as one row: flash_attention_2 and flex_attention take sequence boundaries from
+        the position ids and skip the attention between sequences (exgrpo.batching)."""
+        from exgrpo.models import VARLEN_ATTENTION
+        return getattr(self.model.config, "_attn_implementation", None) in VARLEN_ATTENTION
+
     def decoder_layers(self):
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return list(causal.model.layers)

@@ -46,9 +46,43 @@ class DialogueRollout:
     replies: list[str]                  # one decoded reply per user turn; the last answers Q
 
 
-def _cut_at_eos(row: list[int], eos: int | None) -> list[int]:
+def turn_end_ids(tok, model=None) -> list[int]:
+    """The ids that end an assistant turn, the chat template's own marker first: the token that opens the
+    template's text after a turn (Gemma: <end_of_turn>) when it is a special token, then the tokenizer's
+    eos and the model's generation-config eos ids (Gemma-it's eos is <eos>, not <end_of_turn>)."""
+    ids: list[int] = []
+    after = turn_segments(tok, [{"role": "user", "content": "x"}])[1]
+    special = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    if after and after[0] in special:
+        ids.append(after[0])
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for t in [tok.eos_token_id, *(gen if isinstance(gen, list) else [gen])]:
+        if isinstance(t, int) and t not in ids:
+            ids.append(t)
+    if not ids:
+        raise ValueError("the tokenizer has no eos token and its chat template no end-of-turn marker: a sampled "
+                         "turn could not stop")
+    return ids
+
+
+def _cut_at_stop(row: list[int], stop: set[int]) -> list[int]:
     """A generated row up to and including its first end-of-turn id (the rest is padding)."""
-    return row[: row.index(eos) + 1] if eos is not None and eos in row else row
+    for j, t in enumerate(row):
+        if t in stop:
+            return row[: j + 1]
+    return row
+
+
+# Every generation setting that changes the sampled distribution, neutral, so that what is sampled is softmax(logits
+# / T) and nothing else (a checkpoint's generation_config may ship repetition_penalty, min_p, ...: generate would
+# apply them, and the trainer's log-probs, at T, would be of another distribution). Keys this transformers does not
+# know are left out.
+_NEUTRAL_SAMPLING = dict(top_k=None, top_p=None, min_p=None, top_h=None, typical_p=1.0, epsilon_cutoff=0.0,
+                         eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+                         no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                         sequence_bias=None, forced_bos_token_id=None, forced_eos_token_id=None,
+                         exponential_decay_length_penalty=None, renormalize_logits=False, remove_invalid_values=False,
+                         guidance_scale=None, watermarking_config=None, num_beams=1, min_length=0)
 
 
 class _SampledLogprobs:
@@ -84,6 +118,9 @@ class HFEngine:
         self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
         self.max_context = max_context
         self.min_new_tokens = min_new_tokens    # = max_new_tokens fixes every reply's length (benchmarks)
+        self.stop = turn_end_ids(tokenizer, model)
+        known = model.generation_config.to_dict()
+        self.neutral = {k: v for k, v in _NEUTRAL_SAMPLING.items() if k in known}
 
     def sample(self, prompts: list[list[int]], conversations=None) -> list[Sample]:
         from transformers import LogitsProcessorList
@@ -91,7 +128,7 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         dev = next(self.model.parameters()).device
-        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        pad = self.tok.pad_token_id
         sample = self.temperature > 0
         try:
             for i in range(0, len(prompts), self.batch_size):
@@ -110,13 +147,14 @@ class HFEngine:
                     gen = self.model.generate(
                         input_ids=ids.to(dev), attention_mask=att.to(dev), max_new_tokens=self.max_new_tokens,
                         min_new_tokens=self.min_new_tokens, do_sample=sample,
-                        temperature=self.temperature if sample else None, top_p=None, top_k=None,
-                        eos_token_id=eos, pad_token_id=pad, use_cache=True,
+                        temperature=self.temperature if sample else None, **self.neutral,
+                        eos_token_id=self.stop, pad_token_id=pad, use_cache=True,
                         logits_processor=LogitsProcessorList([rec] if rec is not None else []))
                 new = gen[:, longest:]
                 lps = rec.finish(new).tolist() if rec is not None else None
+                stop = set(self.stop)
                 for j, row in enumerate(new.tolist()):
-                    row = _cut_at_eos(row, eos)
+                    row = _cut_at_stop(row, stop)
                     out.append(Sample(row, lps[j][: len(row)] if lps is not None else None))
         finally:
             self.model.train(was_training)
@@ -125,15 +163,15 @@ class HFEngine:
 
 class TextEngine:
     """An engine for objects that answer conversations with text (`generate(conversations) -> list[str]`):
-    each reply is tokenised once, with the end-of-turn id after it as if the model had stopped there, and
+    each reply is tokenised once, with the template's end-of-turn id after it as if the model had stopped there, and
     those ids are what is trained. No log-probs."""
 
     def __init__(self, engine, tokenizer):
         self.engine, self.tok = engine, tokenizer
+        self.end = turn_end_ids(tokenizer)[0]
 
     def sample(self, prompts, conversations) -> list[Sample]:
-        eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
-        return [Sample(self.tok(r, add_special_tokens=False).input_ids + eos, None)
+        return [Sample(self.tok(r, add_special_tokens=False).input_ids + [self.end], None)
                 for r in self.engine.generate(conversations)]
 
 
@@ -168,8 +206,9 @@ class VLLMEngine:
             self.llm = LLM(**kw, logprobs_mode="processed_logprobs")
         except TypeError:
             self.llm = LLM(**kw)
+        self.stop = turn_end_ids(tokenizer)
         self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0,
-                                     stop_token_ids=[tokenizer.eos_token_id], detokenize=False)
+                                     stop_token_ids=self.stop, detokenize=False)
 
     def sample(self, prompts, conversations=None) -> list[Sample]:
         from vllm.inputs import TokensPrompt
@@ -177,7 +216,7 @@ class VLLMEngine:
         samples = []
         for o in outs:
             c = o.outputs[0]
-            ids = _cut_at_eos(list(c.token_ids), self.tok.eos_token_id)
+            ids = _cut_at_stop(list(c.token_ids), set(self.stop))
             lps = [c.logprobs[i][t].logprob for i, t in enumerate(ids)] if c.logprobs else None
             samples.append(Sample(ids, lps))
         return samples
@@ -210,7 +249,6 @@ def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[Dialogue
     sampled in one batch, the student answering with the whole history in context; its ids stay in
     the dialogue as sampled. Returns one DialogueRollout per dialogue."""
     tok = engine.tok
-    eos = tok.eos_token_id
     segments = [turn_segments(tok, turns) for turns in user_turns]
     ids = [list(s[0]) for s in segments]
     sampled = [[False] * len(x) for x in ids]
@@ -218,8 +256,8 @@ def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[Dialogue
     replies: list[list[str]] = [[] for _ in user_turns]
     convs: list[list[dict]] = [[] for _ in user_turns]
 
-    def append(d: int, seg: list[int], stopped: bool) -> None:
-        if stopped and seg[:1] == [eos]:             # the template's end-of-turn marker was sampled already
+    def append(d: int, seg: list[int], last: list[int]) -> None:
+        if last and seg[:1] == last:                 # the template's end-of-turn marker was sampled already
             seg = seg[1:]
         ids[d] += seg
         sampled[d] += [False] * len(seg)
@@ -238,5 +276,5 @@ def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[Dialogue
             text = tok.decode(s.ids, skip_special_tokens=True).strip()
             replies[d].append(text)
             convs[d].append({"role": "assistant", "content": text})
-            append(d, segments[d][t + 1], stopped=bool(s.ids) and s.ids[-1] == eos)
+            append(d, segments[d][t + 1], s.ids[-1:])
     return [DialogueRollout(ids[d], sampled[d], lps[d], replies[d]) for d in range(len(user_turns))]

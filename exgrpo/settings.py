@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+Attention = Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"]
+
 
 @dataclass
 class Paths:
@@ -28,7 +30,7 @@ class ModelSettings:
     dtype: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"                    # auto: cuda if available, else cpu
     gradient_checkpointing: bool = False    # recompute each layer's activations in backward
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"   # auto: flash-attn on CUDA if installed
+    attention: Attention = "auto"           # auto: flash_attention_2 on CUDA when installed, else sdpa
 
 
 @dataclass

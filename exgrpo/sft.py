@@ -72,7 +72,8 @@ def sft(cfg: SFTConfig) -> Path:
     if not cfg.epochs > 0:
         raise ValueError(f"epochs must be > 0, got {cfg.epochs}")
     items = load_probe_set(cfg.probes)
-    d, dev, model, tok, mixed = loop.load_student(cfg)
+    d, dev = distributed.init(cfg.device)
+    model, tok, mixed = loop.load_student(cfg, d, dev)
     seqs = sft_sequences(items, tok, cfg)
     ctx = context_length(model)
     longest = max(len(s.ids) for s in seqs)
@@ -94,16 +95,16 @@ def sft(cfg: SFTConfig) -> Path:
 
             # ===================================================================== loss + step
             mb = S.prepare(policy, batch, cfg, d, dev, loss=S.SFT_LOSS)
-            m, gnorm, skipped = S.optimize(policy, run.opt, mb, batch, S.SFT_LOSS, updates=1, grad_clip=cfg.grad_clip,
-                                           d=d, dev=dev)
+            upd = S.optimize(policy, run.opt, mb, batch, S.SFT_LOSS, updates=1, grad_clip=cfg.grad_clip, d=d, dev=dev)
+            m = upd.metrics
             run.sched.step()
 
             # ===================================================================== log + checkpoint
             rec = {"step": step + 1, "epoch": epoch, "nll": m["aux_nll"], "n_tokens": m["n_sft_tokens"],
-                   "grad_norm": gnorm, "lr": float(run.sched.get_last_lr()[0]), "skipped": skipped,
+                   "grad_norm": upd.grad_norm, "lr": float(run.sched.get_last_lr()[0]), "skipped": upd.skipped,
                    "seconds": time.time() - t0}
             bar.set_postfix(nll=f"{m['aux_nll']:.3f}", epoch=epoch)
-            run.end_step(step, rec, skipped, m["loss"], gnorm)
+            run.end_step(step, rec, upd)
 
     export = run.export()
     run.plot(["nll", "grad_norm", "lr"], "SFT")

@@ -32,9 +32,13 @@ from exgrpo.rollout import DialogueRollout, Engine
 # ============================================================================= plan
 
 
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step
+
+
 def begin_step(seed: int, step: int, d: Dist) -> int:
     """The step's seed, and torch seeded from it per rank (sampling): a resumed run replays the step."""
-    s = seed * 1_000_003 + step
+    s = step_seed(seed, step)
     torch.manual_seed(s + 7 * d.rank)
     return s
 
@@ -193,7 +197,7 @@ def prepare(policy, seqs: list[Sequence], cfg, d: Dist, dev, *, loss: LossSpec, 
     under FSDP, the rollout policy's log-probs when the batch is reused (`old`), the reference's when the
     loss has a KL term, and the global token counts every micro-batch's loss is normalised by."""
     pad = policy.pad_id
-    mbs = micro_batches(seqs, cfg.micro_batch_tokens, pad, dev, packed=cfg.packed)
+    mbs = micro_batches(seqs, cfg.micro_batch_tokens, pad, dev, packed=cfg.packed, one_row=policy.one_row_packing)
     if d.on:
         mbs = equalize(mbs, int(distributed.all_max([len(mbs)], d, dev)[0]), pad, dev)
     attach_logprobs(policy, mbs, seqs, old=old, ref=loss.beta > 0, ref_policy=ref_policy,
@@ -209,13 +213,20 @@ def prepare(policy, seqs: list[Sequence], cfg, d: Dist, dev, *, loss: LossSpec, 
 SUMMED = ("loss", "clip_frac_low", "clip_frac_high", "kl", "ratio", "aux_nll")
 
 
+class Update(NamedTuple):
+    metrics: dict                       # of the last update (partial sums all-reduced over ranks)
+    grad_norm: float                    # its gradient norm, before clipping
+    skipped: bool                       # it was not finite, so it (and the rest of the batch) was not applied
+    applied: int                        # optimizer steps taken on this batch
+
+
 def optimize(policy, opt, batch: Batch, seqs: list[Sequence], loss: LossSpec, *, updates: int, grad_clip: float,
-             d: Dist, dev, mark: Callable[[str], None] | None = None) -> tuple[dict, float, bool]:
+             d: Dist, dev, mark: Callable[[str], None] | None = None) -> Update:
     """`updates` optimizer steps on the batch, each guarded: a non-finite loss or gradient norm skips the
     step (and the rest of the batch). Gradients are freed after every step, so the next rollout holds
-    none. -> (metrics of the last update, its gradient norm, skipped). `mark(phase)` is called as the
-    loss ("loss") and the optimizer ("optimizer") phases begin: bench/step.py times them."""
-    m, gnorm, skipped = {}, 0.0, False
+    none. `mark(phase)` is called as the loss ("loss") and the optimizer ("optimizer") phases begin:
+    bench/step.py times them."""
+    m, gnorm, skipped, applied = {}, 0.0, False, 0
     for _ in range(updates):
         mark and mark("loss")
         opt.zero_grad(set_to_none=True)
@@ -232,4 +243,5 @@ def optimize(policy, opt, batch: Batch, seqs: list[Sequence], loss: LossSpec, *,
             break
         opt.step()
         opt.zero_grad(set_to_none=True)                 # the next rollout holds no gradients
-    return m, gnorm, skipped
+        applied += 1
+    return Update(m, gnorm, skipped, applied)

@@ -65,10 +65,11 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     # ========================================================================= init
     _check(cfg)
     items = load_probe_set(cfg.probes)                      # fails on an empty probe set, before any compute
-    d, dev, model, tok, mixed = loop.load_student(cfg)
+    d, dev = distributed.init(cfg.device)
     if cfg.questions_per_step % d.world:
         raise ValueError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
                          f"{d.world} processes (each question's group stays on one rank)")
+    model, tok, mixed = loop.load_student(cfg, d, dev)
     ctx = context_length(model)
     _check_lengths(items, tok, cfg, ctx)
     policy = loop.make_policy(model, tok, cfg, d, dev, mixed)
@@ -112,8 +113,9 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
             seqs = S.sequences(plan, rollouts, adv, tok, cfg)
             # ratios need the rollout policy's log-probs only when the batch is reused
             batch = S.prepare(policy, seqs, cfg, d, dev, loss=loss, old=cfg.updates_per_batch > 1, ref_policy=ref)
-            m, gnorm, skipped = S.optimize(policy, run.opt, batch, seqs, loss, updates=cfg.updates_per_batch,
-                                           grad_clip=cfg.grad_clip, d=d, dev=dev)
+            upd = S.optimize(policy, run.opt, batch, seqs, loss, updates=cfg.updates_per_batch,
+                             grad_clip=cfg.grad_clip, d=d, dev=dev)
+            m = upd.metrics
             run.sched.step()
 
             # ===================================================================== log + checkpoint
@@ -123,12 +125,13 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
                  float(o[:, G:].sum()), float(adv.fired.sum())], d, dev)
             rec = {"step": step + 1, "reward": s_tot / (n_q * 2 * G), "acc": s_out / (n_q * 2 * G),
                    "acc_full": s_full / (n_q * G), "acc_partial": s_part / (n_q * G),
-                   "dsu_fire_rate": n_fired / n_q, **m, "grad_norm": gnorm, "lr": float(run.sched.get_last_lr()[0]),
-                   "padding_frac": batch.padding / max(1, batch.tokens), "skipped": skipped,
+                   "dsu_fire_rate": n_fired / n_q, **m, "grad_norm": upd.grad_norm,
+                   "lr": float(run.sched.get_last_lr()[0]), "padding_frac": batch.padding / max(1, batch.tokens),
+                   "skipped": upd.skipped,
                    "seconds": time.time() - t0}
             bar.set_postfix(reward=f"{rec['reward']:.2f}", acc=f"{rec['acc']:.2f}", kl=f"{m['kl']:.3f}",
                             clip=f"{m['clip_frac_low'] + m['clip_frac_high']:.2f}", dsu=f"{rec['dsu_fire_rate']:.2f}")
-            run.end_step(step, rec, skipped, m["loss"], gnorm)
+            run.end_step(step, rec, upd)
 
     export = run.export()
     run.plot(["reward", "acc", "acc_full", "acc_partial", "dsu_fire_rate", "kl", "clip_frac_low", "clip_frac_high",

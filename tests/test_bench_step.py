@@ -45,7 +45,7 @@ def test_step_bench_tiny(benchmark, tmp_path):
     assert r["phases"]["rollout"]["tokens"] == 2 * (3 + 2) * a["completion"]
     assert r["trajectories"] == 4 and r["sequences"] == 5 and len(r["sequence_lens"]) == 5
     assert r["phases"]["logprobs"]["tokens"] == sum(r["sequence_lens"])
-    assert r["packed"] and r["padding_frac"] == 0.0
+    assert r["packed"] and r["padding_frac"] <= r["padding_frac_padded_layout"]   # sdpa: rows as wide as the longest
     # the same loss and gradient, fused kernels vs materialised logits, on the same weights and
     # micro-batches (the last step's: the policy has moved off the reference, so the KL term counts)
     for case in ("exgrpo:lora", "exgrpo:full"):

@@ -67,9 +67,9 @@ def spec_loss(model, seqs, dtype):
     return loss.detach().double(), grads, lp.detach()[0], lp_leaf.grad[0]
 
 
-def ours(model, tok, seqs, packed, budget):
+def ours(model, tok, seqs, packed, budget, one_row=False):
     model.zero_grad(set_to_none=True)
-    mbs = micro_batches(seqs, budget, tok.pad_token_id, "cpu", packed=packed)
+    mbs = micro_batches(seqs, budget, tok.pad_token_id, "cpu", packed=packed, one_row=one_row)
     m = loss_and_backward(Policy(model, pad_id=tok.pad_token_id), mbs, seqs, **LOSS)
     grads = torch.cat([p.grad.reshape(-1).double() for p in model.parameters()])
     return torch.tensor(m["loss"], dtype=torch.float64), grads, mbs
@@ -81,17 +81,22 @@ def test_packed_and_padded_micro_batches_match_the_truth(tiny_student, batch):
     model = load_model(tiny_student)
     eager, g_eager, lp_eager, _ = spec_loss(model, seqs, torch.float32)
     from_logp = propagated_error(dloss, lp_eager, lp_truth)
-    for packed in (True, False):
+    for layout, packed, one_row in (("one row", True, True), ("packed rows", True, False), ("padded", False, False)):
         for budget in (100_000, 300):                              # one micro-batch; several
-            loss, grads, mbs = ours(model, tok, seqs, packed, budget)
-            name = f"{'packed' if packed else 'padded'}, {len(mbs)} micro-batches"
+            loss, grads, mbs = ours(model, tok, seqs, packed, budget, one_row)
+            name = f"{layout}, {len(mbs)} micro-batches"
             assert_like_eager(loss, truth, eager, f"{name}: loss", propagated=from_logp)
             assert_like_eager(grads, g_truth, g_eager, f"{name}: parameter gradients")
-            if packed:
-                assert all(mb.input_ids.shape[0] == 1 and mb.attention is None for mb in mbs)
-                assert sum(mb.input_ids.numel() for mb in mbs) == sum(len(s.ids) for s in seqs), "no padding"
             if budget == 300:
                 assert len(mbs) > 1
+            lens = lambda mb: [len(seqs[i].ids) for i in mb.index]
+            if one_row:                                            # flash-attn's layout: no padding at all
+                assert all(mb.input_ids.shape[0] == 1 and mb.attention is None for mb in mbs)
+                assert sum(mb.input_ids.numel() for mb in mbs) == sum(len(s.ids) for s in seqs)
+            elif packed:                                           # rows as wide as the longest: attention cost
+                for mb in mbs:                                     # at most the padded layout's, fewer rows
+                    assert mb.attention is None and mb.input_ids.shape[1] == max(lens(mb))
+                    assert mb.input_ids.shape[0] <= len(mb.index)
 
 
 def test_packed_rows_keep_sequences_apart(tiny_student, batch):
@@ -100,7 +105,7 @@ def test_packed_rows_keep_sequences_apart(tiny_student, batch):
     tok, seqs = batch
     model = load_model(tiny_student)
     policy = Policy(model, pad_id=tok.pad_token_id)
-    mbs = micro_batches(seqs, 100_000, tok.pad_token_id, "cpu", packed=True)
+    mbs = micro_batches(seqs, 100_000, tok.pad_token_id, "cpu", packed=True, one_row=True)
     assert len(mbs) == 1 and len(mbs[0].index) == len(seqs)
     got = sequence_logprobs(policy, mbs, seqs)
     truth_model = load_model(tiny_student, dtype=torch.float64)
@@ -110,13 +115,32 @@ def test_packed_rows_keep_sequences_apart(tiny_student, batch):
         assert_like_eager(lp[trained], truth[trained], eager[trained], "packed log-probs")
     mb = mbs[0]
     mixed = policy(mb.input_ids, torch.ones_like(mb.input_ids), mb.targets, logprobs_only=True)
-    last = seqs[mb.index[-1]]
-    r, c = mb.starts[-1]
+    k = max(range(len(mb.index)), key=lambda k: mb.starts[k][1])   # the sequence with the most before it
+    last = seqs[mb.index[k]]
+    r, c = mb.starts[k]
     trained = torch.tensor(last.policy[1:]) | torch.tensor(last.sft[1:])
-    leak = (mixed[r, c:c + len(last.ids) - 1][trained] - got[mb.index[-1]][trained]).abs().max().item()
+    leak = (mixed[r, c:c + len(last.ids) - 1][trained] - got[mb.index[k]][trained]).abs().max().item()
     fp32 = (alone_logprobs(model, last) - alone_logprobs(truth_model, last))[trained].abs().max().item()
     assert leak > 100 * fp32, (f"attending across sequences changes the log-probs by {leak:.1e}, not far above fp32 "
                                f"rounding ({fp32:.1e}): this test would not see a leak")
+
+
+def test_flex_attention_packs_one_row(tiny_student, batch):
+    """flex_attention (torch's FlexAttention, block-sparse over a packed row) gives each sequence its log-probs
+    alone, with every sequence in one row; it is compiled on first use (~15 s on the CPU machine)."""
+    from transformers import AutoModelForCausalLM
+    tok, seqs = batch
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_student), attn_implementation="flex_attention")
+    policy = Policy(model, pad_id=tok.pad_token_id)
+    assert policy.one_row_packing
+    mbs = micro_batches(seqs[:4], 100_000, tok.pad_token_id, "cpu", packed=True, one_row=policy.one_row_packing)
+    assert len(mbs) == 1 and mbs[0].input_ids.shape[0] == 1
+    got = sequence_logprobs(policy, mbs, seqs[:4])
+    truth_model, eager_model = load_model(tiny_student, dtype=torch.float64), load_model(tiny_student)
+    for s, lp in zip(seqs[:4], got):
+        trained = torch.tensor(s.policy[1:]) | torch.tensor(s.sft[1:])
+        assert_like_eager(lp[trained], alone_logprobs(truth_model, s)[trained],
+                          alone_logprobs(eager_model, s)[trained], "flex packed log-probs")
 
 
 def test_attention_choice():

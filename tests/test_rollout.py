@@ -150,3 +150,46 @@ def test_segments_and_text_engines(student, probe_dir):
     rendered = tok.apply_chat_template([m for t, rep in zip(turns, r.replies)
                                         for m in (t, {"role": "assistant", "content": rep})], tokenize=False)
     assert text == rendered
+
+
+def test_sampler_ignores_the_checkpoints_sampling_settings(tiny_student, probe_dir):
+    """A checkpoint's generation_config may ship repetition_penalty, min_p, top_k, no_repeat_ngram_size: the
+    engine neutralises them, so what it samples (and records) is softmax(logits / T), the distribution the
+    trainer's log-probs are of."""
+    model, tok, dev = init_student(tiny_student)
+    gc = model.generation_config
+    gc.repetition_penalty, gc.min_p, gc.top_k, gc.no_repeat_ngram_size, gc.typical_p = 1.3, 0.05, 5, 2, 0.9
+    c, plan, eng, outs = roll((model, tok, dev), probe_dir, 0.7, step=2)
+    seqs = S.sequences(plan, outs, S.advantages(S.reward(plan, outs), c), tok, c)[: len(outs)]
+    mbs = micro_batches(seqs, c.micro_batch_tokens, tok.pad_token_id, dev)
+    model.eval()
+    gaps = []
+    for s, lp in zip(seqs, sequence_logprobs(Policy(model, pad_id=tok.pad_token_id), mbs, seqs, temperature=0.7)):
+        gaps += [abs(lp[j - 1].item() - s.rollout_logp[j]) for j in range(1, len(s.ids)) if s.policy[j]]
+    assert len(gaps) > 100 and max(gaps) < 1e-4, f"max gap {max(gaps):.2e}"
+
+
+def test_end_of_turn_is_the_templates_marker_even_when_eos_is_not(tiny_student):
+    """Gemma-it: eos is <eos>, the template closes a turn with <end_of_turn>. Both stop a sampled turn; a
+    scripted reply ends with the template's marker, which then is not repeated."""
+    import copy
+
+    from exgrpo.rollout import turn_end_ids
+    model, tok, _ = init_student(tiny_student)
+    it_tok = copy.deepcopy(tok)
+    it_tok.eos_token = "<eos>"
+    eot, eos = tok.convert_tokens_to_ids("<end_of_turn>"), tok.convert_tokens_to_ids("<eos>")
+    assert eot != eos
+    model.generation_config.eos_token_id = [eos, eot]
+    assert turn_end_ids(it_tok, model) == [eot, eos]
+    assert set(HFEngine(model, it_tok, max_new_tokens=4).stop) == {eot, eos}
+
+    class Scripted:
+        def generate(self, convs):
+            return ["ok"] * len(convs)
+
+    turns = [{"role": "user", "content": "a?"}, {"role": "user", "content": "b?"}]
+    (r,) = run_dialogues(TextEngine(Scripted(), it_tok), [turns])
+    rendered = it_tok.apply_chat_template([m for t in turns for m in (t, {"role": "assistant", "content": "ok"})],
+                                          tokenize=False)
+    assert it_tok.decode(r.ids) == rendered and eos not in r.ids

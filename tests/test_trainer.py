@@ -333,12 +333,13 @@ def test_adamw8bit_trains_checkpoints_and_resumes(tiny_student, probe_dir, tmp_p
 
 
 def test_exgrpo_trains_on_packed_micro_batches_by_default(tiny_student, probe_dir, tmp_path):
-    """Packed rows are the default (no padding at all); --no-packed pads, and the step's loss is the same
-    (tests/test_packing.py checks both layouts against the float64 truth)."""
+    """Packed rows are the default (on CPU, sdpa: rows as wide as the longest sequence, filled first-fit, so
+    less padding than --no-packed's one row per sequence), and the step's loss is the same
+    (tests/test_packing.py checks every layout against the float64 truth)."""
     assert TrainConfig().packed
     train(small_train(tiny_student, probe_dir, tmp_path / "packed", steps=1))
     train(small_train(tiny_student, probe_dir, tmp_path / "padded", steps=1, packed=False))
     rp, rq = (json.loads((tmp_path / d / "metrics.jsonl").read_text().splitlines()[0]) for d in ("packed", "padded"))
-    assert rp["padding_frac"] == 0.0 and rq["padding_frac"] > 0.0
+    assert rp["padding_frac"] <= rq["padding_frac"]
     assert rp["n_tokens"] == rq["n_tokens"] and rp["n_sft_tokens"] == rq["n_sft_tokens"]
     assert rp["loss"] == pytest.approx(rq["loss"], rel=1e-3)
