@@ -289,7 +289,7 @@ def run_exgrpo(a, mode: str) -> dict:
                             schedule="constant", optimizer=cfg.optimizer)
     engine = engine_factory(a)(model, tok)
     loss = S.loss_spec(cfg)
-    eager = EagerPolicy(model, tok.pad_token_id) if a.eager_loss else None
+    eager = EagerPolicy(model) if a.eager_loss else None
     meter, steps, info = Meter(dev), [], {"losses": []}
     for step in range(cfg.steps):
         seed = S.begin_step(cfg.seed, step, SINGLE)
@@ -350,9 +350,9 @@ class EagerPolicy(torch.nn.Module):
     log-softmax, gather, and the reference policy loss (kernels/reference.py) — what a trainer
     without fused kernels does. Called by exgrpo.batching.loss_and_backward like exgrpo's Policy."""
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.pad_id = model, pad_id
+        self.model = model
 
     def forward(self, input_ids, attention_mask, targets, *, position_ids=None, mask, advantages, old_logp=None,
                 ref_logp=None, weights=None, sft_mask=None, aux_coef=0.0, eps_low=0.2, eps_high=0.2, beta=0.04,
@@ -369,18 +369,19 @@ class EagerPolicy(torch.nn.Module):
 
 # ============================================================================= TRL
 
-def trl_prompt_lens(a, tok, step: int) -> list[int]:
-    """Per question, Scenario A then B: the tokens of the exgrpo dialogue before its last reply (template
-    segments + the earlier replies, each exactly --completion tokens), as the trainer plans the step."""
+def trl_prompt_lens(a, tok, n_steps: int) -> list[list[int]]:
+    """Per step, per question, Scenario A then B: the tokens of the exgrpo dialogue before its last reply
+    (template segments + the earlier replies, each exactly --completion tokens), as the trainer plans it."""
     from exgrpo import step as S
     from exgrpo.dialogues import load_probe_set, turn_segments
     from exgrpo.distributed import SINGLE
     cfg = train_config(a, "lora", out="")
-    plan = S.plan_step(load_probe_set(cfg.probes), step, S.step_seed(cfg.seed, step), cfg, SINGLE)
+    items = load_probe_set(cfg.probes)
     out = []
-    for t in plan.trajectories[:: a.group]:                 # one per (question, scenario): its G are alike
-        segs = turn_segments(tok, list(t.turns))
-        out.append(sum(map(len, segs[:-1])) + (len(t.turns) - 1) * a.completion)
+    for step in range(n_steps):
+        plan = S.plan_step(items, step, S.step_seed(cfg.seed, step), cfg, SINGLE)
+        out.append([sum(map(len, turn_segments(tok, list(t.turns))[:-1])) + (len(t.turns) - 1) * a.completion
+                    for t in plan.trajectories[:: a.group]])   # one per (question, scenario): its G are alike
     return out
 
 
@@ -400,7 +401,7 @@ def run_trl(a, mode: str, liger: bool) -> dict:
     cuda = a.device_type == "cuda"
     model = load_model(a.model_path, dtype=torch.bfloat16 if cuda else torch.float32, device=a.device_type)
     n_steps = a.warmup + a.steps
-    lens_by_step = [trl_prompt_lens(a, tok, s) for s in range(n_steps)]
+    lens_by_step = trl_prompt_lens(a, tok, n_steps)
     g = torch.Generator().manual_seed(1000)
     texts = [_words(g, n, a.shape["vocab_size"]) for lens in lens_by_step for n in lens]
     per_step = 2 * a.group * a.questions

@@ -127,8 +127,11 @@ def _nested(cls: type) -> dict[str, type]:
 
 
 def _default(cls: type, name: str) -> Any:
+    """A field's default (its factory's product), None where it has none."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _flatten(layer: dict[str, Any], nested: dict[str, type]) -> dict[str, Any]:
@@ -225,14 +228,7 @@ def _add_flags(parser, cls: type, prefix: str, skip: set[str], defaults: Any = N
             continue
         base, optional = _base_type(hints[f.name])
         flag = "--" + prefix + f.name.replace("_", "-")
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
+        default = getattr(defaults, f.name) if defaults is not None else _default(cls, f.name)
         if _sequence_type(base) is not None:
             helptext = f"comma-separated; default: {','.join(default) if default else '(empty)'}"
         else:

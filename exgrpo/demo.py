@@ -61,12 +61,12 @@ STATUS_FILE = "status.json"
 
 def _sft_defaults() -> SFTConfig:
     # ~500 optimizer steps of EI-SFT at n_train=1000; no intermediate checkpoints (a stage is the unit)
-    return SFTConfig(epochs=1.45, lr=3e-3, batch_size=32, warmup_steps=10, save_every=10**9, device="cpu")
+    return SFTConfig(epochs=1.45, lr=3e-3, batch_size=32, warmup_steps=10, save_every=10**9)
 
 
 def _rl_defaults() -> TrainConfig:
     return TrainConfig(steps=20, questions_per_step=4, group_size=4, k_probes=2, max_new_tokens=48, lr=3e-4,
-                       save_every=10**9, device="cpu")
+                       save_every=10**9)
 
 
 @dataclass

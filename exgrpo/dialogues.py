@@ -129,11 +129,6 @@ def _render(tok, messages, add_generation_prompt=False) -> str:
     return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def prompt_ids(tok, messages) -> list[int]:
-    """Token ids of the conversation so far plus the generation prompt for the next assistant turn."""
-    return tok(_render(tok, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
-
-
 # Stands in for the i-th assistant turn while the template is rendered: private-use code points, no
 # whitespace (a template that trims contents leaves it alone), never in real text.
 _HOLE = "\ue000{}\ue001"

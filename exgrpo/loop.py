@@ -38,11 +38,13 @@ def load_student(cfg, d: Dist, dev):
     return model, tok, mixed
 
 
-def make_policy(model, tok, cfg, d: Dist, dev, mixed: bool):
+def make_policy(model, tok, cfg, d: Dist, dev, mixed: bool, *, frozen: bool = False):
     """The model as the loops see it (exgrpo.policy.Policy, with the kernel settings), sharded per decoder
     layer under torchrun."""
     from exgrpo.policy import Policy
     policy = Policy(model, pad_id=tok.pad_token_id, backend=cfg.backend, chunk_mb=cfg.chunk_mb)
+    if frozen:
+        policy.requires_grad_(False)
     if d.on:
         distributed.shard(policy, policy.decoder_layers(), mixed_precision=mixed)
         distributed.init_root(policy, tok.pad_token_id, dev)
@@ -54,17 +56,11 @@ def make_reference(cfg, model, tok, d: Dist, dev, mixed: bool):
     (there it is the same model with its adapters disabled: no second copy), else a frozen copy sharded
     like the policy (its log-probs are computed once per batch)."""
     from exgrpo.models import load_model
-    from exgrpo.policy import Policy
     if cfg.beta <= 0 or cfg.lora:
         return None
-    ref = Policy(load_model(cfg.model, dtype=next(model.parameters()).dtype, device=dev,
-                            attention=model.config._attn_implementation).eval(),
-                 pad_id=tok.pad_token_id, backend=cfg.backend, chunk_mb=cfg.chunk_mb)
-    ref.requires_grad_(False)
-    if d.on:
-        distributed.shard(ref, ref.decoder_layers(), mixed_precision=mixed)
-        distributed.init_root(ref, tok.pad_token_id, dev)
-    return ref
+    copy = load_model(cfg.model, dtype=next(model.parameters()).dtype, device=dev,
+                      attention=model.config._attn_implementation).eval()
+    return make_policy(copy, tok, cfg, d, dev, mixed, frozen=True)
 
 
 @dataclass

@@ -60,19 +60,19 @@ def attention_for(attention: str, dtype: torch.dtype, device: str | torch.device
     is installed (packed rows then pass sequence boundaries, no [T, T] mask), else sdpa (packed rows get a
     block-diagonal boolean mask, so they are kept as wide as the longest sequence). flex_attention (torch's
     FlexAttention, compiled; block-sparse over a packed row) is there to be asked for."""
+    import importlib.util
     if attention not in ATTENTION:
         raise ModelError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-    flash_ok = torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-    if attention == "flash_attention_2":
-        import importlib.util
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ModelError("attention='flash_attention_2' needs flash-attn (pip install 'exgrpo[gpu]')")
-        if not flash_ok:
-            raise ModelError(f"flash_attention_2 runs on CUDA in bf16/fp16, not {torch.device(device).type} {dtype}")
+    if attention not in ("auto", "flash_attention_2"):
         return attention
+    installed = importlib.util.find_spec("flash_attn") is not None
+    runs = torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     if attention == "auto":
-        import importlib.util
-        return "flash_attention_2" if flash_ok and importlib.util.find_spec("flash_attn") is not None else "sdpa"
+        return "flash_attention_2" if installed and runs else "sdpa"
+    if not installed:
+        raise ModelError("attention='flash_attention_2' needs flash-attn (pip install 'exgrpo[gpu]')")
+    if not runs:
+        raise ModelError(f"flash_attention_2 runs on CUDA in bf16/fp16, not {torch.device(device).type} {dtype}")
     return attention
 
 

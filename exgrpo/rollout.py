@@ -175,12 +175,15 @@ class TextEngine:
                 for r in self.engine.generate(conversations)]
 
 
-def as_engine(engine, tokenizer) -> Engine:
-    """`engine` itself if it samples ids, else a TextEngine around it."""
+def as_engine(engine, tokenizer, model=None) -> Engine:
+    """`engine` itself if it samples ids, a TextEngine around it if it answers text, or what it returns
+    if it is a factory (model, tokenizer) -> engine (an engine around the model being trained)."""
     if hasattr(engine, "sample"):
         return engine
     if hasattr(engine, "generate"):
         return TextEngine(engine, tokenizer)
+    if callable(engine) and model is not None:
+        return as_engine(engine(model, tokenizer), tokenizer)
     raise TypeError(f"{type(engine).__name__} is not a rollout engine: it has neither sample(prompts, "
                     "conversations) nor generate(conversations)")
 
@@ -249,7 +252,13 @@ def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[Dialogue
     sampled in one batch, the student answering with the whole history in context; its ids stay in
     the dialogue as sampled. Returns one DialogueRollout per dialogue."""
     tok = engine.tok
-    segments = [turn_segments(tok, turns) for turns in user_turns]
+    rendered: dict[tuple[str, ...], list[list[int]]] = {}  # a scenario's G trajectories share their turns
+    segments = []
+    for turns in user_turns:
+        key = tuple(u["content"] for u in turns)
+        if key not in rendered:
+            rendered[key] = turn_segments(tok, turns)
+        segments.append(rendered[key])
     ids = [list(s[0]) for s in segments]
     sampled = [[False] * len(x) for x in ids]
     lps: list[list[float] | None] = [[0.0] * len(x) for x in ids]

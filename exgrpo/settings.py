@@ -59,3 +59,10 @@ class RunSettings:
     max_bad_steps: int = 3                  # stop after this many non-finite steps in a row
     resume: bool = False                    # continue from the run folder's latest checkpoint
     progress: bool = True
+
+
+def require_positive(cfg, names: tuple[str, ...]) -> None:
+    """Counts that must be at least 1, named before anything loads."""
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")

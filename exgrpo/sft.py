@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from exgrpo.settings import KernelSettings, ModelSettings, OptimSettings, Paths, RunSettings
+from exgrpo.settings import KernelSettings, ModelSettings, OptimSettings, Paths, RunSettings, require_positive
 
 # ============================================================================= config
 
@@ -66,9 +66,7 @@ def sft(cfg: SFTConfig) -> Path:
     from exgrpo.models import context_length
 
     # ========================================================================= init
-    for name in ("batch_size", "micro_batch_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    require_positive(cfg, ("batch_size", "micro_batch_tokens", "save_every"))
     if not cfg.epochs > 0:
         raise ValueError(f"epochs must be > 0, got {cfg.epochs}")
     items = load_probe_set(cfg.probes)

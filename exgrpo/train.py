@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from exgrpo.settings import KernelSettings, ModelSettings, OptimSettings, Paths, RunSettings
+from exgrpo.settings import KernelSettings, ModelSettings, OptimSettings, Paths, RunSettings, require_positive
 
 # ============================================================================= config
 
@@ -78,9 +78,7 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     if engine is None and cfg.engine == "vllm":
         engine = VLLMEngine(cfg.model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                             gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed + d.rank)
-    if callable(engine) and not hasattr(engine, "sample") and not hasattr(engine, "generate"):
-        engine = engine(model, tok)                         # a factory: (model, tokenizer) -> engine
-    engine = as_engine(engine, tok) if engine is not None else HFEngine(
+    engine = as_engine(engine, tok, model) if engine is not None else HFEngine(
         model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         batch_size=cfg.rollout_batch_size, max_context=ctx)
     colocated = isinstance(engine, VLLMEngine)
@@ -143,9 +141,8 @@ def _check(cfg: TrainConfig) -> None:
     """Settings that cannot work, named before anything loads."""
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (ExGRPO samples G trajectories per scenario), got {cfg.temperature}")
-    for name in ("steps", "questions_per_step", "group_size", "updates_per_batch", "micro_batch_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    require_positive(cfg, ("steps", "questions_per_step", "group_size", "updates_per_batch", "micro_batch_tokens",
+                           "save_every"))
     if cfg.partial_probes is not None and cfg.partial_probes < 0:
         raise ValueError(f"partial_probes must be >= 0 or none, got {cfg.partial_probes}")
 
