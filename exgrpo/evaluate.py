@@ -26,8 +26,9 @@ The report (also written as JSON to `cfg.out`):
 
     {"task": "synthetic", "model": "runs/x" | null, "outputs": null | "file.jsonl",
      "accuracy": {"test": 0.41, "ood": 0.12},
-     "results": [{"task", "split", "n", "correct", "accuracy"}, ...],
-     "examples": [{"task", "split", "id", "prediction", "gold", "correct", "output"}, ...],
+     "results": [{"task", "split", "n", "correct", "accuracy", "notes"}, ...],
+     "examples": [{"task", "split", "id", "prediction", "gold", "correct", "output"
+                   [, "options_shuffled": {"source_order", "source_answer"}]}, ...],
      "config": {EvalConfig fields}, "seconds": 12.3}
 """
 from __future__ import annotations
@@ -60,6 +61,7 @@ class EvalConfig:
     task: str = "synthetic"               # a registry task (exgrpo.tasks.TASKS)
     data: tuple[str, ...] = ()            # dataset files, each "path" or "split=path"; synthetic: none
     limit: int | None = None              # use the first N examples of each data file
+    field: tuple[str, ...] = ()           # NAME=SOURCE field mappings for a copy that names fields differently
     split: tuple[str, ...] = ("test", "ood")  # synthetic splits: train, test (held-in test), ood, held_in
     n: int = 200                          # synthetic: examples per split
     n_train: int = 1000                   # synthetic: size of the train split that `test` is disjoint from
@@ -78,6 +80,7 @@ class EvalSet:
     task: Task
     split: str
     examples: list[Example]
+    notes: tuple[str, ...] = ()           # what the loader changed (e.g. options shuffled)
 
 
 # ---------------------------------------------------------------- data
@@ -105,7 +108,8 @@ def build_sets(cfg: EvalConfig) -> list[EvalSet]:
             label, sep, path = item.partition("=")
             if not sep:
                 label, path = Path(item).stem, item
-            sets.append(EvalSet(task, label, load_examples(task, path, limit=cfg.limit).examples))
+            res = load_examples(task, path, limit=cfg.limit, fields=cfg.field)
+            sets.append(EvalSet(task, label, res.examples, tuple(res.notes)))
         return sets
     if task.name != "synthetic":
         raise EvalError(f"task {task.name!r} needs --data (expected: {task.files})")
@@ -201,11 +205,14 @@ def score(es: EvalSet, outputs: dict[str, str]) -> tuple[dict[str, Any], list[di
     for ex in es.examples:
         text = outputs[ex.id]
         pred = es.task.extract(text, ex)
-        records.append({"task": es.task.name, "split": es.split, "id": ex.id, "prediction": pred,
-                        "gold": ex.answer, "correct": es.task.is_correct(pred, ex.answer), "output": text})
+        rec = {"task": es.task.name, "split": es.split, "id": ex.id, "prediction": pred,
+               "gold": ex.answer, "correct": es.task.is_correct(pred, ex.answer), "output": text}
+        if "options_shuffled" in ex.meta:     # the options as the model saw them vs the source's order
+            rec["options_shuffled"] = ex.meta["options_shuffled"]
+        records.append(rec)
     n, correct = len(records), sum(r["correct"] for r in records)
     row = {"task": es.task.name, "split": es.split, "n": n, "correct": correct,
-           "accuracy": correct / n if n else 0.0}
+           "accuracy": correct / n if n else 0.0, "notes": list(es.notes)}
     return row, records
 
 
@@ -260,6 +267,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in (head, *rows)]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [f"note ({r['task']}/{r['split']}): {n}" for r in report["results"] for n in r.get("notes", ())]
     return "\n".join(lines)
 
 

@@ -51,7 +51,8 @@ def test_outputs_file_is_scored_with_the_tasks_extractor(tmp_path, case_files, c
     assert "synthetic  mine   8        3     37.5%" in table
     report = json.loads(out.read_text())
     assert report["accuracy"] == {"mine": 0.375}
-    assert report["results"] == [{"task": "synthetic", "split": "mine", "n": 8, "correct": 3, "accuracy": 0.375}]
+    assert report["results"] == [{"task": "synthetic", "split": "mine", "n": 8, "correct": 3, "accuracy": 0.375,
+                                  "notes": []}]
     got = {r["id"]: r for r in report["examples"]}
     for i, gold, output, pred, correct in CASES:
         assert got[i] == {"task": "synthetic", "split": "mine", "id": i, "prediction": pred, "gold": gold,

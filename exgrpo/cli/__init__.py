@@ -16,6 +16,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "backends": ("exgrpo.cli.backends", "list the kernel backends and why any is unavailable"),
+    "data": ("exgrpo.cli.data", "load a dataset file as training and evaluation will, and show what was read"),
     "probe": ("exgrpo.cli.probe", "build or resume an Explanatory Inversion probe set (Stage 1)"),
     "sft": ("exgrpo.cli.train", "SFT warm-up on the teacher's responses (Stage 2)"),
     "train": ("exgrpo.cli.train", "ExGRPO on multi-turn probe dialogues (Stage 3)"),

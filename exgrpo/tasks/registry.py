@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from exgrpo.tasks import answers, loaders
 from exgrpo.tasks.example import LETTERS, Example
-from exgrpo.tasks.loaders import DatasetError, LoadResult
+from exgrpo.tasks.files import DatasetError
+from exgrpo.tasks.loaders import LoadResult
 
 AnswerFormat = Literal["letter", "yes_no", "number", "boxed", "number_or_text"]
 
@@ -88,30 +89,38 @@ def _t(name: str, title: str, fmt: AnswerFormat, held_out: bool, letters: str, c
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     _t("strategyqa", "StrategyQA", "yes_no", False, "", loaders.strategyqa,
-       "strategyqa_train.json: [{qid, question, answer: bool, facts, decomposition}]"),
+       "strategyqa_train.json [{qid, question, answer: bool, facts}], its JSONL/Parquet copies, "
+       "or BIG-bench's task.json {examples: [{input, target_scores: {Yes, No}}]}"),
     _t("commonsenseqa", "CommonsenseQA", "letter", False, "ABCDE", loaders.commonsenseqa,
-       "*.jsonl: {id, question: {stem, choices: [{label, text}]}, answerKey}"),
+       "{train,dev}_rand_split.jsonl {id, question: {stem, choices: [{label, text}]}, answerKey}, "
+       "or tau/commonsense_qa {question, choices: {label, text}, answerKey} (JSONL/Parquet)"),
     _t("arc_challenge", "ARC-Challenge", "letter", False, "ABCD", loaders.arc_challenge,
-       "ARC-Challenge-*.jsonl: {id, question: {stem, choices}, answerKey} (or HF: question, choices{text,label})"),
+       "ARC-Challenge-{Train,Dev,Test}.jsonl {id, question: {stem, choices}, answerKey}, "
+       "or allenai/ai2_arc {question, choices: {text, label}, answerKey} (keys A-D or 1-4)"),
     _t("math", "MATH", "boxed", False, "", loaders.math,
-       "*.jsonl or *.json: {problem, solution, level, type} (gold = last \\boxed{}) or {problem, answer}"),
+       "the release's folder MATH/{train,test}/<subject>/N.json {problem, level, type, solution} "
+       "(gold = last \\boxed{}), or JSONL/Parquet exports {problem, solution[, answer]} (MATH-500)"),
     _t("gsm8k", "GSM8K", "number", False, "", loaders.gsm8k,
-       "train.jsonl / test.jsonl: {question, answer: '... #### 72'}"),
+       "train.jsonl / test.jsonl {question, answer: '... #### 72'} (or openai/gsm8k Parquet)"),
     _t("tabmwp", "TabMWP", "number_or_text", False, "", loaders.tabmwp,
-       "problems_*.json: {id: {question, table, table_title, choices, answer, unit, ans_type, solution}}"),
+       "problems_*.json {pid: {question, table, table_title, choices, answer, unit, ans_type, solution}}"),
     _t("anli", "ANLI", "letter", False, "ABC", loaders.anli,
-       "R*/train.jsonl: {uid, premise, hypothesis, label: e|n|c, reason} (A=entail, B=neutral, C=contra)"),
+       "R{1,2,3}/{train,dev,test}.jsonl {uid, context, hypothesis, label: e|n|c, reason}, or facebook/anli "
+       "(label 0/1/2); A = entailment, B = neutral, C = contradiction"),
     _t("date_understanding", "Date Understanding", "letter", False, "ABCDEF",
        loaders.date_understanding,
-       "task.json: {examples: [{input, target_scores}]} (BIG-bench) or BBH {examples: [{input, target}]}"),
+       "BIG-bench task.json {examples: [{input, target_scores}]} (options shuffled), "
+       "or BIG-Bench-Hard date_understanding.json {examples: [{input, target: '(A)'}]}"),
     _t("boolq", "BoolQ", "yes_no", True, "", loaders.boolq,
-       "dev.jsonl: {question, title, answer: bool, passage}"),
+       "dev.jsonl {question, title, answer: bool, passage}, google/boolq, or SuperGLUE {label: 0/1}"),
     _t("openbookqa", "OpenBookQA", "letter", True, "ABCD", loaders.openbookqa,
-       "test.jsonl: {id, question: {stem, choices}, answerKey, fact1?} (or HF: question_stem, choices)"),
+       "test.jsonl / test_complete.jsonl {id, question: {stem, choices}, answerKey, fact1?}, "
+       "or allenai/openbookqa {question_stem, choices, answerKey}"),
     _t("esnli", "e-SNLI", "letter", True, "ABC", loaders.esnli,
-       "esnli_test.csv / .jsonl: {pairID, gold_label, Sentence1, Sentence2, Explanation_1} or HF fields"),
+       "esnli_{train,dev,test}.csv {pairID, gold_label, Sentence1, Sentence2, Explanation_1}, "
+       "or the Hub's esnli {premise, hypothesis, label: 0/1/2, explanation_1}"),
     _t("gsm8k_reversal", "GSM8K-Reversal", "number", True, "", loaders.gsm8k_reversal,
-       "*.jsonl: {question, answer} (answer a number or '... #### N')"),
+       "the authors' data/gsm8k/test-backward.json (JSON Lines) {id, question, answer, explanation}"),
     _t("synthetic", "Synthetic arithmetic", "number", False, "", loaders.synthetic,
        "*.jsonl written by `exgrpo.tasks.synthetic` (Example.to_dict lines)"),
 )}
@@ -126,19 +135,30 @@ def get_task(name: str) -> Task:
     return TASKS[key]
 
 
+SKEW_SHARE = 0.5      # a multiple-choice set whose most common gold letter is above this share is skewed
+SKEW_MIN_EXAMPLES = 8
+
+
 def load_examples(task: str | Task, path: str | Path, *, skip_bad: bool = False,
-                  limit: int | None = None) -> LoadResult:
-    """All examples of one local file. A record that cannot be read raises `DatasetError`
-    ("file:line: reason"), or with `skip_bad` is skipped and listed in `LoadResult.skipped`.
-    Duplicate ids are an error: the probe set is keyed on them."""
+                  limit: int | None = None, fields: tuple[str, ...] | dict[str, str] = ()) -> LoadResult:
+    """All examples of one local file (or folder; see exgrpo.tasks.files for the forms read). A record that
+    cannot be read raises `DatasetError` ("file:line: reason"), or with `skip_bad` is skipped and listed in
+    `LoadResult.skipped`. Duplicate ids are an error: the probe set is keyed on them. `fields` maps field
+    names ("answer=label"; see loaders.apply_fields).
+
+    A multiple-choice file whose gold letters are skewed in the source's order (one letter the answer of
+    more than half of at least SKEW_MIN_EXAMPLES questions) has every question's options shuffled
+    (loaders.shuffle_options), said in `LoadResult.notes`. The decision is the whole file's, so that
+    `limit` selects the same questions, worded the same, as a run without it."""
     t = task if isinstance(task, Task) else get_task(task)
+    fmap = loaders.parse_fields(fields) if not isinstance(fields, dict) else fields
     out = LoadResult([])
     seen: dict[str, str] = {}
     for loc, rec in loaders.read_records(path):
         try:
             if isinstance(rec, Exception):
                 raise rec
-            ex = loaders.convert(t.name, t.converter, rec, loc)
+            ex = loaders.convert(t.name, t.converter, rec, loc, fmap)
             if ex.id in seen:
                 raise ValueError(f"duplicate id {ex.id!r} (first seen at {seen[ex.id]})")
         except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -149,6 +169,31 @@ def load_examples(task: str | Task, path: str | Path, *, skip_bad: bool = False,
             continue
         seen[ex.id] = loc
         out.examples.append(ex)
-        if limit is not None and len(out.examples) >= limit:
-            break
+    _unskew(t, out)
+    if limit is not None:
+        out.examples = out.examples[:limit]
     return out
+
+
+def _unskew(t: Task, out: LoadResult) -> None:
+    if t.answer_format != "letter":
+        return
+    fixed = [e for e in out.examples if "options_shuffled" in e.meta]
+    if fixed:
+        out.notes.append(f"options shuffled in {len(fixed)} of {len(out.examples)} questions: the source lists "
+                         "the right option first (a permutation fixed by task and id)")
+    rest = [e for e in out.examples if "options_shuffled" not in e.meta and e.choices]
+    skew = loaders.gold_skew(rest)
+    if skew is None or len(rest) < SKEW_MIN_EXAMPLES or skew[1] <= SKEW_SHARE * len(rest):
+        return
+    letter, n = skew
+    done = 0
+    for i, e in enumerate(out.examples):
+        if e.choices and "options_shuffled" not in e.meta:
+            try:
+                out.examples[i] = loaders.shuffle_options(e)
+                done += 1
+            except ValueError:
+                pass
+    out.notes.append(f"gold letter {letter} answers {n} of {len(rest)} questions in the source's order: options "
+                     f"shuffled in {done} (a permutation fixed by task and id)")
