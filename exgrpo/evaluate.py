@@ -62,6 +62,7 @@ class EvalConfig:
     data: tuple[str, ...] = ()            # dataset files, each "path" or "split=path"; synthetic: none
     limit: int | None = None              # use the first N examples of each data file
     field: tuple[str, ...] = ()           # NAME=SOURCE field mappings for a copy that names fields differently
+    skip_bad_lines: bool = False          # skip (and count in the report's notes) records that cannot be read
     split: tuple[str, ...] = ("test", "ood")  # synthetic splits: train, test (held-in test), ood, held_in
     n: int = 200                          # synthetic: examples per split
     n_train: int = 1000                   # synthetic: size of the train split that `test` is disjoint from
@@ -108,8 +109,10 @@ def build_sets(cfg: EvalConfig) -> list[EvalSet]:
             label, sep, path = item.partition("=")
             if not sep:
                 label, path = Path(item).stem, item
-            res = load_examples(task, path, limit=cfg.limit, fields=cfg.field)
-            sets.append(EvalSet(task, label, res.examples, tuple(res.notes)))
+            res = load_examples(task, path, limit=cfg.limit, fields=cfg.field, skip_bad=cfg.skip_bad_lines)
+            skipped = [f"skipped {len(res.skipped)} unreadable record(s), the first: {res.skipped[0]}"] \
+                if res.skipped else []
+            sets.append(EvalSet(task, label, res.examples, (*res.notes, *skipped)))
         return sets
     if task.name != "synthetic":
         raise EvalError(f"task {task.name!r} needs --data (expected: {task.files})")

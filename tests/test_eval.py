@@ -75,6 +75,35 @@ def test_registry_task_file_and_missing_ids(tmp_path, capsys):
     assert rc == 0 and "gsm8k  gsm    3        2     66.7%" in capsys.readouterr().out
 
 
+def test_field_mapping_skipped_records_and_shuffled_options_reach_the_report(tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "copy.jsonl", [
+        {"qid": "b1", "question": "is it", "passage": "p", "gold": "yes"},
+        {"qid": "b2", "question": "is it not", "passage": "p"},                  # no gold: skipped
+        {"qid": "b3", "question": "really", "passage": "p", "gold": False}])
+    outs = _write_jsonl(tmp_path / "o.jsonl", [{"id": "b1", "output": "The answer is yes."},
+                                               {"id": "b3", "output": "The answer is yes."}])
+    out = tmp_path / "r.json"
+    args = ["eval", "--task", "boolq", "--data", str(data), "--outputs", str(outs), "--out", str(out),
+            "--field", "answer=gold,id=qid"]
+    assert cli_main(args) == 2 and "copy.jsonl:2: BoolQ record: --field answer=gold: the record has no 'gold'" in \
+        capsys.readouterr().err
+    assert cli_main([*args, "--skip-bad-lines"]) == 0
+    table = capsys.readouterr().out
+    assert "boolq  copy   2        1     50.0%" in table and "note (boolq/copy): skipped 1 unreadable" in table
+    # a skewed multiple-choice file: options shuffled, and each example says how
+    mc = _write_jsonl(tmp_path / "mc.jsonl", [
+        {"id": f"q{i}", "question": f"Q{i}?", "answerKey": "A",
+         "choices": {"text": [f"right{i}", "x", "y", "z"], "label": list("ABCD")}} for i in range(10)])
+    sets = build_sets(EvalConfig(task="arc_challenge", data=(str(mc),)))
+    outs = _write_jsonl(tmp_path / "mo.jsonl", [{"id": e.id, "output": f"The answer is ({e.answer})."}
+                                                for e in sets[0].examples])
+    assert cli_main(["eval", "--task", "arc_challenge", "--data", str(mc), "--outputs", str(outs),
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["accuracy"] == {"mc": 1.0} and "gold letter A answers 10 of 10" in report["results"][0]["notes"][0]
+    assert all(x["options_shuffled"]["source_answer"] == "A" for x in report["examples"])
+
+
 def test_synthetic_splits():
     cfg = EvalConfig(outputs="x", split=("train", "test", "ood", "held_in"), n=5, n_train=40, seed=3)
     sets = {s.split: s.examples for s in build_sets(cfg)}
