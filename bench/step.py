@@ -143,8 +143,9 @@ def write_probe_set(a, path: Path) -> Path:
     lines = []
     for q in range(a.questions * (a.warmup + a.steps)):
         ex = {"id": f"bench-{q}", "task": "gsm8k", "question": _words(g, a.question_len, V), "answer": "1"}
-        probes = [{"rule": f"rule{j}", "probe": _words(g, a.probe_len, V), "response": _words(g, a.response_len, V),
-                   "probe_answer": "1", "kept": True} for j in range(a.k_probes)]
+        probes = [{"rule": f"rule{j}", "probe": (pr := _words(g, a.probe_len, V)), "prompt": pr,
+                   "response": _words(g, a.response_len, V), "probe_answer": "1", "kept": True}
+                  for j in range(a.k_probes)]
         lines.append(json.dumps({"kept": True, "example": ex, "probes": probes}))
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -158,7 +159,7 @@ def prepare_model_dir(a) -> Path:
     dtype = "bfloat16" if a.device_type == "cuda" else "float32"
     data = {k: getattr(a, k) for k in ("questions", "warmup", "steps", "k_probes", "probe_len", "question_len",
                                        "response_len")}
-    want = {**a.shape, "dtype": dtype, "data": data, "format": 2}
+    want = {**a.shape, "dtype": dtype, "data": data, "format": 3}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
     tok = build_tokenizer(a.shape["vocab_size"])

@@ -197,11 +197,13 @@ def stage_data(cfg: DemoConfig, run: Path) -> dict[str, Any]:
         tmp.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in exs), encoding="utf-8")
         os.replace(tmp, d / f"{name}.jsonl")
         counts[name] = len(exs)
-    # The vanilla SFT baseline's "probe set": every train question, no probes (Q -> R_T only).
+    # The vanilla SFT baseline's "probe set": every train question, no probes (Q -> R_T only), R_T the
+    # synthetic dataset's own worked solution (the oracle teacher's R_T is the same text).
     v = d / "vanilla"
     v.mkdir(exist_ok=True)
     (v / "probe_set.jsonl").write_text("".join(
-        json.dumps({"kept": True, "example": e.to_dict(), "probes": []}) + "\n" for e in train), encoding="utf-8")
+        json.dumps({"kept": True, "example": e.to_dict(), "rationale": e.rationale, "rationale_source": "dataset",
+                    "probes": []}) + "\n" for e in train), encoding="utf-8")
     return {"counts": counts}
 
 
@@ -234,7 +236,7 @@ def _probe_pipeline(cfg: DemoConfig, run: Path, out: Path, student=None) -> dict
         bar.close()
     if res.stopped:
         raise RuntimeError(f"the teacher stopped: {res.stopped}")
-    s = summarize(res.unit_records, res.question_records)
+    s = summarize(res.unit_records, res.question_records, res.rationale_records)
     (out / "summary.txt").write_text(render(s) + "\n", encoding="utf-8")
     t = s.total
     return {"questions": s.questions, "verdicts": dict(s.verdicts), "probes_attempted": t.attempted,
@@ -350,7 +352,7 @@ def plan(cfg: DemoConfig, run: Path, resume: bool) -> list[Stage]:
     st += [Stage(f"student:seed{s}", lambda s=s: stage_student(cfg, run, s), [run / "students" / f"seed{s}"])
            for s in _seeds(cfg)]
     st.append(Stage("probes:filter2", lambda: stage_filter2(cfg, run),
-                    [run / "probes" / n for n in ("probe_set.jsonl", "probe_log.jsonl")]))
+                    [run / "probes" / n for n in ("probe_set.jsonl", "probe_log.jsonl", "rationale_log.jsonl")]))
     for s in _seeds(cfg):
         for a in arms:
             st.append(Stage(f"{a}:seed{s}", lambda a=a, s=s: stage_arm(cfg, run, a, s, resume),

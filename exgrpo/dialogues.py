@@ -35,27 +35,39 @@ class DialogueError(ValueError):
 @dataclass(frozen=True)
 class Probe:
     rule: str
-    question: str           # Q_i_aug
+    question: str           # the probe's user turn exactly as the teacher and filter 2 saw it: Q_i_aug + the rule
+                            # set's answer instruction (the probe set's "prompt"; exgrpo.probes.teachers.probe_prompt)
     response: str           # the teacher's R_i_aug (ends with its answer)
     answer: str             # A_i_aug
 
 
 @dataclass(frozen=True)
 class ProbeItem:
-    """One training question with its kept probes."""
+    """One training question with its kept probes and the R_T the probe set settled on for it (the teacher's
+    solution checked against the gold answer, or the dataset's own where `exgrpo probe --rationale dataset`
+    chose it). `rationale` is what SFT's Q -> R_T pair trains on; `example.rationale` is only the dataset's
+    field as loaded, and None for datasets without one."""
     example: Example
     probes: tuple[Probe, ...]
+    rationale: str | None = None            # R_T
+    rationale_source: str | None = None     # "teacher" | "dataset" | None (not settled or not recorded)
 
 
 def load_probe_set(path: str | Path, *, kept_only: bool = True) -> list[ProbeItem]:
-    """Read `probe_set.jsonl` from `exgrpo probe`: kept questions, each with its kept probes, in the order of
-    their task and example id."""
+    """Read `probe_set.jsonl` from `exgrpo probe`: kept questions, each with its kept probes and its R_T, in the
+    order of their task and example id.
+
+    A question with several records (a re-run with other settings appends new records and leaves the old for
+    audit) is read from its last one. Each probe is shown as its record's "prompt", the exact text the teacher and
+    filter 2 saw; a probe set written before that field existed is an error that says to re-run `exgrpo probe`
+    (which rewrites the records and reuses nothing it should not), rather than a silent fall-back to a probe
+    text the teacher never answered."""
     p = Path(path)
     if p.is_dir():
         p = p / "probe_set.jsonl"
     if not p.exists():
         raise DialogueError(f"probe set not found: {p}")
-    items = []
+    latest: dict[tuple[str, str], tuple[int, dict]] = {}
     with p.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -64,16 +76,32 @@ def load_probe_set(path: str | Path, *, kept_only: bool = True) -> list[ProbeIte
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DialogueError(f"{p}:{n}: not JSON ({e.msg})") from None
-            if kept_only and not rec.get("kept"):
-                continue
-            probes = tuple(Probe(q["rule"], q["probe"], q["response"], str(q["probe_answer"]))
-                           for q in rec.get("probes", []) if q.get("kept") or (not kept_only and q.get("probe")))
-            items.append(ProbeItem(Example.from_dict(rec["example"]), probes))
+            ex = rec.get("example") if isinstance(rec, dict) else None
+            if not isinstance(ex, dict):
+                raise DialogueError(f"{p}:{n}: not a probe-set record (no 'example' object)")
+            latest[(str(ex.get("task")), str(ex.get("id")))] = (n, rec)
+    items = [_item(rec, f"{p}:{n}", kept_only) for n, rec in latest.values() if not kept_only or rec.get("kept")]
     if not items:
         raise DialogueError(f"{p} holds no kept question: nothing to train on (run `exgrpo probe` first)")
     # `exgrpo probe` appends each question as its teacher calls finish, so the file's order varies from run
     # to run; training order must depend on the probe set's contents only.
     return sorted(items, key=lambda it: (it.example.task, _natural(it.example.id)))
+
+
+def _item(rec: dict, where: str, kept_only: bool) -> ProbeItem:
+    """One probe-set record -> a ProbeItem (its kept probes; with kept_only False, every written probe)."""
+    probes = []
+    for q in rec.get("probes", []):
+        if not (q.get("kept") or (not kept_only and q.get("probe"))):
+            continue
+        if not q.get("prompt"):
+            raise DialogueError(
+                f"{where}: probe {q.get('rule')!r} of question {rec['example'].get('id')!r} has no 'prompt' (the exact "
+                "probe turn the teacher answered and filter 2's student saw): the probe set was written by an older "
+                "`exgrpo probe`; run the same `exgrpo probe` command again to rewrite it")
+        probes.append(Probe(q["rule"], q["prompt"], q["response"], str(q["probe_answer"])))
+    return ProbeItem(Example.from_dict(rec["example"]), tuple(probes), rec.get("rationale"),
+                     rec.get("rationale_source"))
 
 
 def _natural(s: str) -> tuple:

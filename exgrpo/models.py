@@ -215,12 +215,12 @@ def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16,
 
 
 def corpus_for(items) -> list[str]:
-    """The texts a tiny student's tokenizer is trained on: every question (as prompted), rationale,
-    probe and teacher response of a probe set."""
+    """The texts a tiny student's tokenizer is trained on: every question (as prompted), R_T (the probe set's),
+    probe (as prompted) and teacher response of a probe set."""
     from exgrpo.tasks import get_task
     out = []
     for it in items:
-        out += [get_task(it.example.task).prompt(it.example), it.example.rationale or ""]
+        out += [get_task(it.example.task).prompt(it.example), it.rationale or ""]
         for p in it.probes:
             out += [p.question, p.response]
     return [t for t in out if t]

@@ -38,15 +38,18 @@ class SFTConfig(RunSettings, SFTSettings, OptimSettings, KernelSettings, ModelSe
 
 
 def sft_sequences(items, tok, cfg: SFTConfig):
-    """One single-turn teacher-forced sequence per kept probe and per original question."""
+    """One single-turn teacher-forced sequence per kept probe (its probe set "prompt" -> the teacher's answer) and
+    per original question (Q -> R_T, the R_T the probe set settled on: `ProbeItem.rationale`, not the dataset's
+    field)."""
     from exgrpo.batching import Sequence
     from exgrpo.dialogues import SFT, dialogue, render
     seqs = []
     for it in items:
         if cfg.with_original:
-            if not it.example.rationale:
-                raise ValueError(f"question {it.example.id} has no teacher rationale R_T for the Q -> R_T pair")
-            t = render(tok, dialogue([], None, it.example, it.example.rationale, answer_train=None, final_train=SFT))
+            if not it.rationale:
+                raise ValueError(f"question {it.example.id} ({it.example.task}) has no R_T in the probe set for the "
+                                 "Q -> R_T pair: re-run `exgrpo probe` to settle it, or pass --no-with-original")
+            t = render(tok, dialogue([], None, it.example, it.rationale, answer_train=None, final_train=SFT))
             seqs.append(Sequence(t.ids, t.policy, t.sft))
         if cfg.with_probes:
             for p in it.probes:

@@ -1,4 +1,6 @@
-"""Dialogues: Scenario A/B construction and the masks, token by token."""
+"""Dialogues: Scenario A/B construction and the masks, token by token; the probe set's R_T and probe text, the
+same in filter 2, SFT and the rollouts."""
+import json
 import random
 
 import pytest
@@ -94,3 +96,122 @@ def test_empty_probe_set_is_an_error(tmp_path):
         load_probe_set(tmp_path)
     with pytest.raises(DialogueError, match="not found"):
         load_probe_set(tmp_path / "nope.jsonl")
+
+
+# ----------------------------------------------------------------------------- what the probe set says is shown
+
+def _write(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def _record(ex_id, rationale, example_rationale=None, probes=(), kept=True, **kw):
+    ex = {"id": ex_id, "task": "synthetic", "question": f"Sam has {ex_id} pens. How many?", "answer": "3",
+          "rationale": example_rationale}
+    return {"key": ex_id, "kept": kept, "example": ex, "rationale": rationale, "rationale_source": "teacher",
+            "probes": list(probes), **kw}
+
+
+def _probe(rule="why", prompt="Why 3?\nAnswer the question.", **kw):
+    return {"rule": rule, "probe": "Why 3?", "prompt": prompt, "response": "Because. The answer is 3.",
+            "probe_answer": "3", "kept": True, **kw}
+
+
+def test_the_probe_text_filter2_saw_is_the_text_of_sft_and_of_the_rollouts(tok, tmp_path):
+    from exgrpo.distributed import SINGLE
+    from exgrpo.probes import OracleTeacher, load_rules, run_pipeline
+    from exgrpo.sft import SFTConfig, sft_sequences
+    from exgrpo.step import plan_step
+    from exgrpo.tasks import get_task, synthetic
+    from exgrpo.train import TrainConfig
+
+    rules = load_rules()
+
+    class Recording:
+        """Filter 2's student: remembers every prompt; right on the 'why' and 'inverse' probes only."""
+        fingerprint = "recording"
+
+        def __init__(self):
+            self.seen = []
+
+        def answer(self, prompts):
+            self.seen += prompts
+            out = []
+            for p in prompts:
+                ex, rule = by_prompt[p]
+                out.append(f"The answer is {synthetic.oracle_probe(ex, rule).answer}." if rule in ("why", "inverse")
+                           else "The answer is 123456.")
+            return out
+
+    exs = synthetic.generate(3, "held_in", 5)
+    by_prompt = {f"{synthetic.oracle_probe(e, r).question}\n{rules.answer_instruction}": (e, r)
+                 for e in exs for r in synthetic.RULES}
+    student = Recording()
+    run_pipeline([(get_task("synthetic"), e) for e in exs], OracleTeacher(), rules, tmp_path, student=student)
+    items = load_probe_set(tmp_path)
+    assert len(items) == 3 and all(len(it.probes) == 10 for it in items)
+    seen = set(student.seen)
+    shown = {p.question for it in items for p in it.probes}
+    assert shown == seen and all(q.endswith("\n" + rules.answer_instruction) for q in shown)
+    # SFT: each probe's user turn is that text, character for character.
+    seqs = sft_sequences(items, tok, SFTConfig(with_original=False))
+    texts = [tok.decode(s.ids) for s in seqs]
+    assert len(texts) == 30
+    for text, p in zip(texts, [p for it in items for p in it.probes]):
+        assert f"<start_of_turn>user\n{p.question}<end_of_turn>" in text
+    # ExGRPO: the rollout dialogues' probe turns, and the L_aux dialogues', are those texts too.
+    cfg = TrainConfig(questions_per_step=3, group_size=2, k_probes=4)
+    plan = plan_step(items, 0, 0, cfg, SINGLE)
+    turns = [u["content"] for t in plan.trajectories for u in t.turns[:-1]]
+    assert turns and set(turns) <= seen
+    aux = render(tok, dialogue(list(plan.aux_probes[0]), None, None, None, answer_train=SFT))
+    for p in plan.aux_probes[0]:
+        assert f"<start_of_turn>user\n{p.question}<end_of_turn>" in tok.decode(aux.ids)
+
+
+def test_sft_and_the_tokenizer_corpus_use_the_probe_sets_rationale(tok, tmp_path):
+    from exgrpo.models import corpus_for
+    from exgrpo.sft import SFTConfig, sft_sequences
+    _write(tmp_path / "probe_set.jsonl", [
+        _record("q-1", "TEACHER: 1 + 2 = 3. The answer is 3.", example_rationale="DATASET: three."),
+        _record("q-2", "TEACHER: 2 + 1 = 3. The answer is 3."),
+    ])
+    items = load_probe_set(tmp_path)
+    assert [it.rationale for it in items] == ["TEACHER: 1 + 2 = 3. The answer is 3.",
+                                              "TEACHER: 2 + 1 = 3. The answer is 3."]
+    assert items[0].example.rationale == "DATASET: three." and items[0].rationale_source == "teacher"
+    seqs = sft_sequences(items, tok, SFTConfig(with_probes=False))
+    assert [spans(tok, s, s.sft) for s in seqs] == [[it.rationale + "<end_of_turn>"] for it in items]
+    corpus = corpus_for(items)
+    assert items[0].rationale in corpus and "DATASET: three." not in corpus
+    # A kept question without an R_T in its record cannot make the Q -> R_T pair: the error names it.
+    _write(tmp_path / "probe_set.jsonl", [_record("q-3", None, example_rationale="DATASET: three.")])
+    with pytest.raises(ValueError, match=r"question q-3 \(synthetic\) has no R_T in the probe set"):
+        sft_sequences(load_probe_set(tmp_path), tok, SFTConfig())
+
+
+def test_probe_text_comes_from_the_record_and_the_last_record_of_a_question_wins(tmp_path):
+    _write(tmp_path / "probe_set.jsonl", [
+        _record("q-1", "old R_T", probes=[_probe(prompt="OLD\nAnswer.")]),
+        _record("q-2", "R_T 2", probes=[_probe()]),
+        _record("q-1", "new R_T", probes=[_probe(prompt="NEW\nAnswer."), _probe("inverse", kept=False)]),
+    ])
+    items = load_probe_set(tmp_path)
+    assert [(it.example.id, it.rationale) for it in items] == [("q-1", "new R_T"), ("q-2", "R_T 2")]
+    assert [p.question for p in items[0].probes] == ["NEW\nAnswer."]
+    # A later record that drops the question wins over an earlier kept one.
+    with (tmp_path / "probe_set.jsonl").open("a") as f:
+        f.write(json.dumps(_record("q-2", None, kept=False, verdict="no_rationale")) + "\n")
+    assert [it.example.id for it in load_probe_set(tmp_path)] == ["q-1"]
+
+
+def test_a_probe_set_without_probe_prompts_is_refused_with_the_fix(tmp_path):
+    old = _probe()
+    del old["prompt"]
+    _write(tmp_path / "probe_set.jsonl", [_record("q-1", "R_T", probes=[old])])
+    with pytest.raises(DialogueError, match=r"probe_set.jsonl:1: probe 'why' of question 'q-1' has no 'prompt'.*"
+                                            r"older `exgrpo probe`; run the same `exgrpo probe` command again"):
+        load_probe_set(tmp_path)
+    (tmp_path / "probe_set.jsonl").write_text('{"kept": true}\n')
+    with pytest.raises(DialogueError, match=r"probe_set.jsonl:1: not a probe-set record"):
+        load_probe_set(tmp_path)

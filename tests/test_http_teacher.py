@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP teacher against a real server on loopback: retries, time-outs,
-bad replies, a dead server, and resuming after an interruption (including SIGKILL)."""
+bad replies, R_T checked against the gold answer, a dead server, and resuming after an interruption
+(including SIGKILL, in the probe stage and in the R_T stage)."""
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from exgrpo.probes import (
     load_rules,
     run_pipeline,
 )
+from exgrpo.probes.pipeline import RATIONALE_FILE
 from exgrpo.probes.summary import summarize
 from exgrpo.tasks import Example, get_task
 
@@ -39,6 +41,8 @@ class State:
         self.total = 0
         self.down_after = None    # answer 503 to every request after this many
         self.delay = 0.0
+        self.solve_delay = 0.0    # extra seconds on every R_T request (teacher.solve)
+        self.requests = []        # (kind, the messages) of every chat completion answered
 
     def reset(self):
         self.__init__()
@@ -47,8 +51,18 @@ class State:
 STATE = State()
 
 
+def _kind(messages):
+    """Which teacher call a request is: "write", "answer" (a probe), "recheck" or "solve" (R_T)."""
+    if messages[0]["role"] == "system":
+        return "write"
+    if len(messages) == 3:
+        return "recheck"
+    return "answer" if RULES.answer_instruction in messages[-1]["content"] else "solve"
+
+
 def _teacher_reply(messages):
-    """A tiny arithmetic 'LLM': writes probes 'What is N + 1?', answers them, answers the task."""
+    """A tiny arithmetic 'LLM': writes probes 'What is N + 1?', answers them, answers the task ([NORT]:
+    its solution of the task, R_T, is always one off, while its rechecks stay right)."""
     last = messages[-1]["content"]
     if messages[0]["role"] == "system":                              # write a probe
         gold = last.split("\nAnswer: ", 1)[1].split("\n", 1)[0]
@@ -58,7 +72,7 @@ def _teacher_reply(messages):
         n = int(last.split("What is ", 1)[1].split(" + 1?")[0])
         return f"{n} + 1 = {n + 1}. The answer is {n + 1}."
     a, b = last.split("What is ", 1)[1].split("?")[0].split(" + ")   # solve or recheck the task
-    wrong = "[WRONG]" in last and len(messages) == 3
+    wrong = ("[WRONG]" in last and len(messages) == 3) or ("[NORT]" in last and len(messages) == 1)
     return f"{a} + {b} = {int(a) + int(b)}. The answer is {int(a) + int(b) + wrong}."
 
 
@@ -92,6 +106,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(503, {"error": "overloaded"})
         req = json.loads(raw)
         text = json.dumps(req["messages"])
+        kind = _kind(req["messages"])
+        with STATE.lock:
+            STATE.requests.append((kind, req["messages"]))
+        if kind == "solve" and STATE.solve_delay:
+            time.sleep(STATE.solve_delay)
         if "[RATE]" in text and n <= 2:
             self.send_response(429)
             self.send_header("Retry-After", "0")
@@ -201,14 +220,25 @@ def test_pipeline_over_http_records_every_kind_of_bad_output(server, tmp_path):
         Example("n", "gsm8k", "What is 1 + 3? [NOANSWER]", "4"),
         Example("w", "gsm8k", "What is 1 + 4? [WRONG]", "5"),
         Example("r", "gsm8k", "What is 1 + 5? [RATE]", "6"),
+        Example("x", "gsm8k", "What is 1 + 6? [NORT]", "7"),
     ]
     teacher = LLMTeacher(_backend(server), RULES)
     res = run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4)
     assert res.stopped is None
     q = {r["example_id"]: r for r in res.question_records}
-    assert len(q) == 8
+    assert len(q) == 9
     assert q["q1"]["verdict"] == "kept" and q["q1"]["n_consistent"] == 10
-    assert q["q1"]["rationale"].endswith("The answer is 3.")     # R_T from the teacher's solve
+    assert q["q1"]["rationale"] == "1 + 2 = 3. The answer is 3."     # R_T from the teacher's solve
+    assert q["q1"]["rationale_source"] == "teacher" and len(q["q1"]["rationale_attempts"]) == 1
+    # A teacher at temperature 0 gives the same wrong R_T each time: asked 3 times, then the question is dropped
+    # without a single probe request.
+    x = q["x"]
+    assert x["verdict"] == "no_rationale" and not x["kept"] and x["probes"] == [] and x["rationale"] is None
+    assert [(a["response"], a["reason"]) for a in x["rationale_attempts"]] == \
+        [("1 + 6 = 7. The answer is 8.", "wrong answer '8' (gold '7')")] * 3
+    asked = [k for k, m in STATE.requests if "[NORT]" in json.dumps(m)]
+    assert asked == ["solve"] * 3
+    assert len(_jsonl(tmp_path / RATIONALE_FILE)) == 8 + 3
     assert q["q1"]["probes"][0]["probe_answer"] == "4"
     assert {p["reason"] for p in q["m"]["probes"]} == {"malformed response: not JSON (b'<html>oops</html>')"}
     assert {p["reason"] for p in q["e"]["probes"]} == {"empty response"}
@@ -217,6 +247,10 @@ def test_pipeline_over_http_records_every_kind_of_bad_output(server, tmp_path):
     assert q["r"]["verdict"] == "kept"
     s = summarize(res.unit_records, res.question_records)
     assert (s.total.attempted, s.total.failed, s.total.consistent) == (80, 30, 40)
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def test_server_going_down_stops_the_run_and_keeps_work_then_resume(server, tmp_path):
@@ -281,3 +315,61 @@ def test_sigkill_mid_run_then_resume_loses_nothing_and_duplicates_nothing(server
     assert res.units_done == 300 - done_before
     qs = [json.loads(x) for x in (tmp_path / SET_FILE).read_text().splitlines()]
     assert len(qs) == len({q["example_id"] for q in qs}) == 30
+
+
+_CHILD_RT = """
+import sys
+from exgrpo.probes import HTTPBackend, HTTPSettings, LLMTeacher, load_rules, run_pipeline
+from exgrpo.tasks import Example, get_task
+url, out = sys.argv[1], sys.argv[2]
+rules = load_rules().select(["why", "inverse"])
+exs = [Example(f"q{i}", "gsm8k", f"What is {i} + {i + 1}?" + (" [NORT]" if i % 2 else ""), str(2 * i + 1))
+       for i in range(16)]
+b = HTTPBackend(HTTPSettings(base_url=url, model="fake", timeout_s=5, max_retries=1, backoff_s=0.01))
+run_pipeline([(get_task("gsm8k"), e) for e in exs], LLMTeacher(b, rules), rules, out, workers=4)
+"""
+
+
+def test_sigkill_during_the_rationale_stage_then_resume_loses_nothing_and_duplicates_nothing(server, tmp_path):
+    """Half the questions never get a correct R_T (3 attempts each, then dropped), and R_T requests are slow, so
+    the kill lands while R_T attempts are being made. The resumed run makes exactly the attempts not yet logged."""
+    STATE.solve_delay = 0.15
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD_RT, server, str(tmp_path)], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rlog = tmp_path / RATIONALE_FILE
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if rlog.exists() and rlog.read_bytes().count(b"\n") >= 10:
+                break
+            time.sleep(0.01)
+        assert child.poll() is None, f"child ended early: {child.stderr.read().decode()[-2000:]}"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    before = _jsonl(rlog)
+    assert 10 <= len(before) < 8 * 3 + 8                     # killed in the middle of the R_T stage
+    with open(rlog, "ab") as f:                              # a write cut short by the kill
+        f.write(b'{"key":"0123","task":"gsm8k","atte')
+    solves_before = sum(k == "solve" for k, _ in STATE.requests)
+    STATE.solve_delay = 0.0
+    rules = RULES.select(["why", "inverse"])
+    exs = [Example(f"q{i}", "gsm8k", f"What is {i} + {i + 1}?" + (" [NORT]" if i % 2 else ""), str(2 * i + 1))
+           for i in range(16)]
+    res = run_pipeline([(GSM, e) for e in exs], LLMTeacher(_backend(server), rules), rules, tmp_path, workers=4)
+    assert res.stopped is None and res.dropped_torn_lines == [str(rlog)]
+    log = _jsonl(rlog)
+    assert len(log) == len({r["key"] for r in log}) == 8 * 1 + 8 * 3
+    assert res.rationale_attempts_skipped == len(before) and res.rationale_attempts_done == len(log) - len(before)
+    assert sum(k == "solve" for k, _ in STATE.requests) - solves_before == len(log) - len(before)
+    for i in range(16):
+        mine = [r for r in log if r["example_id"] == f"q{i}"]
+        assert [r["attempt"] for r in mine] == list(range(3 if i % 2 else 1))
+    qs = {q["example_id"]: q for q in _jsonl(tmp_path / SET_FILE)}
+    assert len(qs) == 16
+    assert {i for i, q in qs.items() if q["verdict"] == "no_rationale"} == {f"q{i}" for i in range(1, 16, 2)}
+    units = _jsonl(tmp_path / LOG_FILE)
+    assert len(units) == len({u["key"] for u in units}) == 8 * 2
+    assert not [u for u in units if int(u["example_id"][1:]) % 2]   # no probe call for a dropped question

@@ -1,5 +1,8 @@
-"""The EI pipeline with in-process teachers and students: filters, failures, resume, CLI."""
+"""The EI pipeline with in-process teachers and students: R_T, filters, failures, resume, CLI."""
+import dataclasses
 import json
+import threading
+from collections import Counter
 from importlib import resources
 
 import pytest
@@ -16,6 +19,7 @@ from exgrpo.probes import (
     read_jsonl,
     run_pipeline,
 )
+from exgrpo.probes.pipeline import RATIONALE_FILE, RationaleSettings
 from exgrpo.probes.store import StoreError, open_store
 from exgrpo.probes.summary import render, summarize
 from exgrpo.tasks import Example, get_task, synthetic
@@ -62,6 +66,13 @@ def test_oracle_run_is_all_correct_and_one_record_per_question(tmp_path):
             want = synthetic.oracle_probe(ex, p["rule"])
             assert p["probe"] == want.question and p["probe_answer"] == want.answer and p["kept"]
     assert len(_lines(tmp_path / LOG_FILE)) == 180 and res.units_done == 180
+    # R_T is the teacher's (the oracle's worked solution), checked against the gold answer: one attempt each.
+    for q in recs:
+        ex = Example.from_dict(q["example"])
+        assert q["rationale"] == synthetic.rationale_text(ex.meta["program"]) and q["rationale_source"] == "teacher"
+        assert [a["correct"] for a in q["rationale_attempts"]] == [True] and q["rationale_note"] is None
+        assert all(p["prompt"] == f"{p['probe']}\n{RULES.answer_instruction}" for p in q["probes"])
+    assert len(_lines(tmp_path / RATIONALE_FILE)) == 18 and res.rationale_attempts_done == 18
 
 
 class FlakyTeacher(OracleTeacher):
@@ -215,13 +226,20 @@ def test_cli_with_config_file_and_overrides(tmp_path, capsys):
     rc = cli_main(["probe", "--config", str(cfg), "--synthetic-n", "6", "--synthetic-split", "ood"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "inverse" in text and "questions judged: 6" in text
+    assert "inverse" in text and "questions judged: 6" in text and "R_T from: teacher: 6" in text
+    assert "6 R_T attempts made, 0 reused" in text
     saved = json.loads((out / "config.json").read_text())
     assert saved["synthetic_n"] == 6 and saved["rules"] == "why,inverse" and saved["synthetic_split"] == "ood"
     assert len(_lines(out / SET_FILE)) == 6
     rc = cli_main(["probe", "--config", str(cfg), "--synthetic-n", "6", "--synthetic-split", "ood"])
     assert rc == 0 and "0 written now, 6 already done" in capsys.readouterr().out
     assert len(_lines(out / SET_FILE)) == 6
+    # --rationale dataset: the synthetic problems' own worked solutions, a new record per question.
+    rc = cli_main(["probe", "--config", str(cfg), "--synthetic-n", "6", "--synthetic-split", "ood",
+                   "--rationale", "dataset"])
+    assert rc == 0 and "6 written now, 0 already done; 0 R_T attempts made" in capsys.readouterr().out
+    assert {r["rationale_source"] for r in _lines(out / SET_FILE)[6:]} == {"dataset"}
+    assert json.loads((out / "config.json").read_text())["rationale"] == "dataset"
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -233,6 +251,11 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "'tau_hard' must be int" in capsys.readouterr().err
     assert cli_main(["probe", "--task", "gsm8k", "--out", str(tmp_path / "o")]) == 2
     assert "needs --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["probe", "--rationale", "gold", "--out", str(tmp_path / "o")])
+    assert "--rationale: invalid choice: 'gold' (choose from 'teacher', 'dataset')" in capsys.readouterr().err
+    assert cli_main(["probe", "--rationale-tries", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "rationale tries must be >= 1, got 0" in capsys.readouterr().err
     data = tmp_path / "g.jsonl"
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
     assert cli_main(["probe", "--task", "gsm8k", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
@@ -243,3 +266,137 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0 and "skipped 1 malformed dataset record" in captured.err
     assert "synthetic oracle cannot handle" in captured.out
+
+
+# ---------------------------------------------------------------- R_T: from the teacher, checked, or the dataset's
+
+class RTTeacher(OracleTeacher):
+    """The oracle, but its solution of Q is wrong on the first `wrong[id]` attempts (every attempt for -1), and
+    written in its own words so that it differs from the dataset's rationale. Counts calls per question."""
+
+    def __init__(self, wrong=None):
+        self.wrong = wrong or {}
+        self.lock = threading.Lock()
+        self.solves, self.writes = Counter(), Counter()
+        self.rationales = {}                      # example id -> the R_T write_probe was given
+
+    def solve(self, task, ex):
+        with self.lock:
+            self.solves[ex.id] += 1
+            n = self.solves[ex.id]
+        w = self.wrong.get(ex.id, 0)
+        if w == -1 or n <= w:
+            return Reply(f"My attempt {n}. The answer is {int(ex.answer) + 1000}.")
+        return Reply(f"Teacher's R_T (attempt {n}): " + super().solve(task, ex).text)
+
+    def write_probe(self, task, ex, rule, rationale):
+        with self.lock:
+            self.writes[ex.id] += 1
+            self.rationales[ex.id] = rationale
+        return super().write_probe(task, ex, rule, rationale)
+
+    def recheck(self, task, ex, probe, probe_response):
+        return OracleTeacher.solve(self, task, ex)    # filter 1 is not what is tested here
+
+
+def test_rationale_is_resampled_until_gold_and_a_question_without_one_is_dropped(tmp_path):
+    items = _items(4)
+    ids = [e.id for _, e in items]
+    t = RTTeacher({ids[1]: 2, ids[2]: -1})       # ids[1]: right at the 3rd try; ids[2]: never right
+    res = run_pipeline(items, t, RULES, tmp_path, workers=3, rationale=RationaleSettings(tries=3))
+    q = {r["example_id"]: r for r in res.question_records}
+    assert t.solves == {ids[0]: 1, ids[1]: 3, ids[2]: 3, ids[3]: 1}
+    ok = q[ids[1]]
+    assert ok["verdict"] == "kept" and ok["rationale_source"] == "teacher"
+    assert ok["rationale"].startswith("Teacher's R_T (attempt 3): ") and t.rationales[ids[1]] == ok["rationale"]
+    assert [(a["attempt"], a["correct"]) for a in ok["rationale_attempts"]] == [(0, False), (1, False), (2, True)]
+    assert ok["rationale_attempts"][0]["reason"].startswith("wrong answer ")
+    bad = q[ids[2]]
+    assert bad["verdict"] == "no_rationale" and not bad["kept"] and bad["rationale"] is None
+    assert bad["probes"] == [] and bad["rationale_source"] is None and len(bad["rationale_attempts"]) == 3
+    assert all(a["response"].startswith("My attempt") for a in bad["rationale_attempts"])
+    assert t.writes[ids[2]] == 0                                   # no probe call is spent on it
+    assert not [u for u in _lines(tmp_path / LOG_FILE) if u["example_id"] == ids[2]]
+    assert len(_lines(tmp_path / RATIONALE_FILE)) == 8
+    s = summarize(res.unit_records, res.question_records, res.rationale_records)
+    assert s.verdicts["no_rationale"] == 1 and s.rationale_attempts == 8 and s.rationale_sources["teacher"] == 3
+    assert "no_rationale: 1" in render(s) and "R_T attempts not kept, by reason:" in render(s)
+    # More tries on the same folder: the dropped question's three attempts are reused, only the 4th is asked.
+    t2 = RTTeacher({ids[2]: -1})
+    res = run_pipeline(items, t2, RULES, tmp_path, rationale=RationaleSettings(tries=4))
+    assert t2.solves == {ids[2]: 1} and res.rationale_attempts_skipped == 8 and res.rationale_attempts_done == 1
+    assert sum(t2.writes.values()) == 0 and res.units_skipped == 30
+
+
+def test_rationale_dataset_uses_the_datasets_own_and_falls_back_to_the_teacher(tmp_path):
+    exs = [e for _, e in _items(3)]
+    no_rt = dataclasses.replace(exs[2], id="no-rt", rationale=None)
+    items = [(SYN, e) for e in exs[:2] + [no_rt]]
+    t = RTTeacher()
+    res = run_pipeline(items, t, RULES, tmp_path / "ds", rationale=RationaleSettings("dataset"))
+    q = {r["example_id"]: r for r in res.question_records}
+    for e in exs[:2]:
+        assert q[e.id]["rationale"] == e.rationale and q[e.id]["rationale_source"] == "dataset"
+        assert q[e.id]["rationale_attempts"] == [] and q[e.id]["rationale_note"] is None
+        assert t.rationales[e.id] == e.rationale and t.solves[e.id] == 0   # the probes were written from it
+    fb = q["no-rt"]
+    assert fb["rationale_source"] == "teacher" and fb["rationale"].startswith("Teacher's R_T")
+    assert "no rationale" in fb["rationale_note"] and fb["rationale_settings"] == {"source": "dataset", "tries": 3}
+    assert t.rationales["no-rt"] == fb["rationale"]
+    # "teacher" (the default) on a dataset that has rationales: the teacher's, and different question and
+    # probe keys, so nothing written from the dataset's R_T is reused for it.
+    t2 = RTTeacher()
+    res = run_pipeline(items, t2, RULES, tmp_path / "ds", rationale=RationaleSettings("teacher"))
+    assert res.questions_written == 3 and res.units_skipped == 10 and res.units_done == 20
+    for r in res.question_records[-3:]:
+        assert r["rationale_source"] == "teacher" and r["rationale"].startswith("Teacher's R_T")
+
+
+class KilledTeacher(RTTeacher):
+    """Dies (as a KeyboardInterrupt from inside a teacher call, like Ctrl-C) at its `kill_at`-th solve."""
+
+    def __init__(self, kill_at, wrong):
+        super().__init__(wrong)
+        self.kill_at = kill_at
+
+    def solve(self, task, ex):
+        if sum(self.solves.values()) + 1 == self.kill_at:
+            raise KeyboardInterrupt("killed during the R_T stage")
+        return super().solve(task, ex)
+
+
+def test_resume_after_a_kill_during_the_rationale_stage_loses_and_repeats_nothing(tmp_path):
+    items = _items(6)
+    ids = [e.id for _, e in items]
+    wrong = {ids[0]: -1, ids[1]: 1, ids[3]: 2, ids[4]: -1}     # attempts needed: 3, 2, 1, 3, 3, 1 = 13
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(items, KilledTeacher(7, wrong), RULES, tmp_path, workers=1, rationale=RationaleSettings())
+    before = _lines(tmp_path / RATIONALE_FILE)
+    assert len(before) == 6                                    # every attempt that returned is in the log
+    t = RTTeacher({i: (w - sum(1 for r in before if r["example_id"] == i) if w > 0 else w) for i, w in wrong.items()})
+    res = run_pipeline(items, t, RULES, tmp_path, workers=2)
+    assert res.rationale_attempts_skipped == 6 and res.rationale_attempts_done == sum(t.solves.values()) == 13 - 6
+    log = _lines(tmp_path / RATIONALE_FILE)
+    assert len(log) == len({r["key"] for r in log}) == 13
+    for i in ids:                                              # attempts 0, 1, ... in order, up to the first right
+        mine = [r for r in log if r["example_id"] == i]
+        assert [r["attempt"] for r in mine] == list(range(len(mine)))
+        assert [r["correct"] for r in mine] == [False] * (len(mine) - 1) + [wrong.get(i, 0) != -1]
+    q = {r["example_id"]: r for r in _lines(tmp_path / SET_FILE)}
+    assert len(q) == 6 and {i for i, r in q.items() if r["verdict"] == "no_rationale"} == {ids[0], ids[4]}
+    units = _lines(tmp_path / LOG_FILE)
+    assert len(units) == len({u["key"] for u in units}) == 40
+
+
+def test_cli_field_mapping_and_a_file_with_nothing_readable(tmp_path, capsys):
+    data = tmp_path / "copy.jsonl"
+    data.write_text('{"question": "1+1?", "label": "#### 2"}\n')
+    out = tmp_path / "o"
+    assert cli_main(["probe", "--task", "gsm8k", "--data", str(data), "--out", str(out), "--skip-bad-lines"]) == 2
+    err = capsys.readouterr().err
+    assert "if 'label' holds it, pass --field answer=label" in err and "no example could be read" in err
+    assert not (out / "probe_set.jsonl").exists()
+    # mapped, the record loads; the oracle cannot serve gsm8k, so its R_T attempts fail, but nothing is refused
+    rc = cli_main(["probe", "--task", "gsm8k", "--data", str(data), "--out", str(out), "--field", "answer=label",
+                   "--no-progress"])
+    assert rc == 0 and "1 questions" in capsys.readouterr().out

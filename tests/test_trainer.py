@@ -164,7 +164,7 @@ class ScriptedEngine:
         out = []
         for c in convs:
             last = c[-1]["content"]
-            if "How many" in last and "step by step" in last:      # the original question
+            if last in self.gold:                                   # the original question
                 n_probes = (len(c) - 1) // 2
                 gold = self.gold[last]
                 out.append(f"The answer is {gold if n_probes >= 3 else int(gold) + 1}.")

@@ -6,6 +6,12 @@
         --student runs/student0 --out runs/ei-gsm8k
     exgrpo probe --config probe.toml --concurrency 32   # file, then command-line overrides
 
+R_T (the chain of thought the probes are written from, and SFT's Q -> R_T pair): by default the
+teacher's own solution of each question, kept only when its extracted answer is the gold one, asked
+up to --rationale-tries times; a question without one is dropped (verdict "no_rationale") before any
+probe is written. --rationale dataset uses the dataset's own rationale where it has one (GSM8K's
+solution) and the teacher's elsewhere. The probe set records which was used.
+
 Every field of `ProbeConfig` is a config-file key and a `--flag`. The merged config is saved as
 `config.json` in the output folder. Re-running the same command resumes.
 """
@@ -26,6 +32,7 @@ class ProbeConfig:
     task: str = "synthetic"               # a registry task (exgrpo.tasks.TASKS)
     data: str | None = None               # dataset file; for `synthetic` without one, problems are generated
     limit: int | None = None              # use the first N examples
+    field: tuple[str, ...] = ()           # NAME=SOURCE field mappings for a copy that names fields differently
     skip_bad_lines: bool = False          # skip and count malformed dataset records instead of stopping
     synthetic_split: Literal["held_in", "ood"] = "held_in"
     synthetic_n: int = 200
@@ -33,6 +40,9 @@ class ProbeConfig:
     # rules
     rules_file: str | None = None         # default: the shipped exgrpo/data/probe_rules.json
     rules: str | None = None              # comma-separated subset of rule names
+    # R_T, the teacher's chain of thought the probes are written from and SFT's Q -> R_T pair trains on
+    rationale: Literal["teacher", "dataset"] = "teacher"   # dataset: the dataset's own where it has one
+    rationale_tries: int = 3              # teacher attempts at an R_T with the gold answer; none: Q dropped
     # teacher
     teacher: Literal["oracle", "http", "vllm", "transformers"] = "oracle"
     teacher_model: str = ""               # served model name (http, vllm) or a local directory (transformers)
@@ -76,7 +86,13 @@ def build_items(cfg: ProbeConfig) -> tuple[list, list[str]]:
         if cfg.limit is not None:
             exs = exs[: cfg.limit]
         return [(task, e) for e in exs], []
-    res = load_examples(task, cfg.data, skip_bad=cfg.skip_bad_lines, limit=cfg.limit)
+    res = load_examples(task, cfg.data, skip_bad=cfg.skip_bad_lines, limit=cfg.limit, fields=cfg.field)
+    for note in res.notes:                           # e.g. options shuffled: said before any teacher call
+        print(f"exgrpo probe: {note}", file=sys.stderr)
+    if not res.examples:
+        first = f"; the first skipped: {res.skipped[0]}" if res.skipped else ""
+        raise ValueError(f"no example could be read from {cfg.data}{first} (check the file with `exgrpo data "
+                         f"{task.name} {cfg.data}`)")
     return [(task, e) for e in res.examples], res.skipped
 
 
@@ -101,13 +117,15 @@ def build_teacher(cfg: ProbeConfig, rules: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exgrpo.probes.pipeline import FilterSettings, run_pipeline
+    from exgrpo.probes.pipeline import FilterSettings, RationaleSettings, run_pipeline
     from exgrpo.probes.rules import load_rules
     from exgrpo.probes.summary import render, summarize
     from exgrpo.tasks.loaders import DatasetError
 
     try:
         cfg = config_from_args(ProbeConfig, args, table="probe")
+        rationale = RationaleSettings(cfg.rationale, cfg.rationale_tries)
+        rationale.check()
         rules = load_rules(cfg.rules_file).select(cfg.rules.split(",") if cfg.rules else None)
         items, skipped = build_items(cfg)
         teacher = build_teacher(cfg, rules)
@@ -141,18 +159,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = run_pipeline(items, teacher, rules, out, student=student,
                            filters=FilterSettings(cfg.tau_hard, cfg.hard_direction, cfg.drop_too_easy),
-                           workers=cfg.concurrency, student_batch=max(1, cfg.student_batch_size * 4),
-                           fsync=cfg.fsync, on_total=on_total, on_progress=on_progress)
+                           rationale=rationale, workers=cfg.concurrency,
+                           student_batch=max(1, cfg.student_batch_size * 4), fsync=cfg.fsync,
+                           on_total=on_total, on_progress=on_progress)
     finally:
         if bar is not None:
             bar.close()
     for p in res.dropped_torn_lines:
         print(f"resume: dropped a torn last line in {p} (an interrupted write)", file=sys.stderr)
-    print(render(summarize(res.unit_records, res.question_records)))
+    print(render(summarize(res.unit_records, res.question_records, res.rationale_records)))
     print(f"\n{res.examples} questions: {res.questions_written} written now, {res.questions_skipped} already "
-          f"done; {res.units_done} probes computed, {res.units_skipped} reused from the log; "
+          f"done; {res.rationale_attempts_done} R_T attempts made, {res.rationale_attempts_skipped} reused; "
+          f"{res.units_done} probes computed, {res.units_skipped} reused from the log; "
           f"skipped dataset records: {len(skipped)}")
-    print(f"probe set: {out / 'probe_set.jsonl'}  work log: {out / 'probe_log.jsonl'}")
+    print(f"probe set: {out / 'probe_set.jsonl'}  work logs: {out / 'probe_log.jsonl'}, "
+          f"{out / 'rationale_log.jsonl'}")
     if res.stopped:
         print(f"exgrpo probe: stopped early: {res.stopped}\nThe work done so far is saved; run the same "
               "command again to resume.", file=sys.stderr)

@@ -1,14 +1,19 @@
-"""Stage 1 of docs/method.md: probes -> teacher answers -> filter 1 -> filter 2 -> probe set.
+"""Stage 1 of docs/method.md: R_T -> probes -> teacher answers -> filter 1 -> filter 2 -> probe set.
 
-Two append-only files in the output folder:
+Three append-only files in the output folder:
 
-* `probe_log.jsonl`, the work log: one record per (example, rule, teacher settings), written the
-  moment that probe's three teacher calls are done. A killed run loses only the calls in flight.
+* `rationale_log.jsonl`, the R_T work log: one record per attempt of the teacher at solving Q
+  (`teacher.solve`), written the moment that call returns. An attempt counts only when the answer
+  extracted from it (`task.extract`) is the gold one; a question gets up to `RationaleSettings.tries`
+  attempts and is dropped (verdict "no_rationale") when none is correct, before any probe call.
+* `probe_log.jsonl`, the probe work log: one record per (example, rule, teacher settings, R_T),
+  written the moment that probe's three teacher calls are done.
 * `probe_set.jsonl`, the probe set D_EI: one record per question (see `question_record`), written
-  once all of its rules are in the log and the student has judged it.
+  once its R_T is settled, all of its rules are in the log and the student has judged it.
 
-A re-run with the same settings skips every key already present, so it neither repeats work nor
-writes duplicates.
+A killed run loses only the calls in flight. A re-run with the same settings skips every key already
+present, so it neither repeats work nor writes duplicates: logged R_T attempts are replayed in order
+(the first correct one is the R_T, so a resumed question sees the same R_T and the same probe keys).
 """
 from __future__ import annotations
 
@@ -30,9 +35,14 @@ from exgrpo.tasks.example import Example
 from exgrpo.tasks.registry import Task
 
 LOG_FILE = "probe_log.jsonl"
+RATIONALE_FILE = "rationale_log.jsonl"
 SET_FILE = "probe_set.jsonl"
+# Part of every question key: a probe set written before a schema change is rewritten on a re-run.
+# 2: R_T checked against the gold answer and its source recorded; each probe's exact "prompt" stored.
+SCHEMA = 2
 
 HardDirection = Literal["intent", "printed", "off"]
+RationaleSource = Literal["teacher", "dataset"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,24 @@ class FilterSettings:
     drop_too_easy: bool = True
 
 
+@dataclass(frozen=True)
+class RationaleSettings:
+    """Where R_T comes from. "teacher": the teacher's own solution of Q, kept only when its extracted
+    answer is the gold one, resampled up to `tries` times. "dataset": the dataset's rationale where the
+    example has one (GSM8K's solution, say), the teacher's (checked the same way) where it has none."""
+    source: RationaleSource = "teacher"
+    tries: int = 3
+
+    def check(self) -> None:
+        if self.source not in ("teacher", "dataset"):
+            raise ValueError(f"rationale source must be 'teacher' or 'dataset', got {self.source!r}")
+        if self.tries < 1:
+            raise ValueError(f"rationale tries must be >= 1, got {self.tries}")
+
+
 def difficulty_verdict(n_consistent: int, n_correct: int | None, f: FilterSettings) -> str:
-    """"kept", "no_probes", "too_easy" or "too_hard". `n_correct` None: no student, no filter 2."""
+    """"kept", "no_probes", "too_easy" or "too_hard". `n_correct` None: no student, no filter 2.
+    (A question without a correct R_T never gets here: its verdict is "no_rationale".)"""
     if n_consistent == 0:
         return "no_probes"
     if n_correct is None:
@@ -65,13 +91,21 @@ def _digest(parts: object) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def probe_key(ex: Example, rule: ProbeRule, teacher_fp: str) -> str:
-    return _digest(["probe", ex.task, ex.id, rule.name, rule.digest, teacher_fp])
+def probe_key(ex: Example, rule: ProbeRule, teacher_fp: str, rationale: str) -> str:
+    """A probe depends on the R_T it was written from, so the R_T text is part of its key."""
+    return _digest(["probe", ex.task, ex.id, rule.name, rule.digest, teacher_fp, _digest(rationale)])
+
+
+def rationale_key(task: Task, ex: Example, teacher_fp: str, attempt: int) -> str:
+    """Attempt `attempt` (0, 1, ...) at R_T: keyed on the exact prompt the teacher solves and the gold
+    answer it is checked against, so neither can change under a resumed run."""
+    return _digest(["rationale", ex.task, ex.id, task.prompt(ex), ex.answer, teacher_fp, attempt])
 
 
 def question_key(ex: Example, rules: RuleSet, teacher_fp: str, student_fp: str | None,
-                 f: FilterSettings) -> str:
-    return _digest(["question", ex.task, ex.id, rules.digest, teacher_fp, student_fp, asdict(f)])
+                 f: FilterSettings, rs: RationaleSettings = RationaleSettings()) -> str:
+    return _digest(["question", SCHEMA, ex.task, ex.id, rules.digest, teacher_fp, student_fp, asdict(f),
+                    asdict(rs)])
 
 
 def extract_probe_answer(text: str) -> str | None:
@@ -79,6 +113,41 @@ def extract_probe_answer(text: str) -> str | None:
     if answer_span(text) is None:
         return None
     return extract_short(text)
+
+
+# ---------------------------------------------------------------- R_T: one attempt, one teacher call
+
+def run_rationale_attempt(teacher: Teacher, task: Task, ex: Example, attempt: int, key: str) -> dict[str, Any]:
+    """The work-log record of one attempt at R_T. `correct` is true iff the task's extractor finds the
+    gold answer in the teacher's solution; otherwise `reason` says why not. Only `TeacherUnavailable`
+    escapes, because it means the run must stop."""
+    rec: dict[str, Any] = {"key": key, "task": ex.task, "example_id": ex.id, "teacher": teacher.fingerprint,
+                           "attempt": attempt, "status": "failed", "reason": None, "response": None,
+                           "answer": None, "correct": False}
+    try:
+        r = teacher.solve(task, ex)
+        if not r.ok:
+            rec["reason"] = r.error or "no text"
+            return rec
+        rec["response"] = r.text
+        if not (r.text or "").strip():
+            rec["reason"] = "empty response"
+            return rec
+        pred = task.extract(r.text or "", ex)
+        rec["answer"] = pred
+        if pred is None:
+            rec["reason"] = "no extractable answer"
+            return rec
+        rec["status"] = "ok"
+        rec["correct"] = bool(task.is_correct(pred, ex.answer))
+        if not rec["correct"]:
+            rec["reason"] = f"wrong answer {pred!r} (gold {ex.answer!r})"
+        return rec
+    except TeacherUnavailable:
+        raise
+    except Exception as e:  # a bug or odd input in one question must not kill a long run
+        rec["reason"] = f"{type(e).__name__}: {e}"
+        return rec
 
 
 # ---------------------------------------------------------------- one probe: three teacher calls
@@ -132,17 +201,46 @@ def run_probe_unit(teacher: Teacher, task: Task, ex: Example, rule: ProbeRule, r
 
 # ---------------------------------------------------------------- filter 2 and the question record
 
+@dataclass
+class RationaleOutcome:
+    """How a question's R_T was settled: its text (None: no correct attempt), where it came from
+    ("teacher" | "dataset"; None when dropped), and the teacher's attempts in order."""
+    text: str | None = None
+    source: RationaleSource | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    def fields(self, ex: Example, rs: RationaleSettings) -> dict[str, Any]:
+        """The probe-set record's R_T fields (see `question_record`)."""
+        note = None
+        if rs.source == "dataset" and not ex.rationale:
+            note = "the dataset has no rationale for this question: R_T is the teacher's"
+        return {"rationale": self.text, "rationale_source": self.source, "rationale_note": note,
+                "rationale_settings": asdict(rs),
+                "rationale_attempts": [{k: a[k] for k in ("attempt", "status", "reason", "response", "answer",
+                                                          "correct")} for a in self.attempts]}
+
+
 def question_record(ex: Example, key: str, unit_recs: list[dict[str, Any]], teacher_fp: str,
-                    student_fp: str | None, f: FilterSettings,
-                    student_texts: dict[str, str] | None) -> dict[str, Any]:
+                    student_fp: str | None, f: FilterSettings, student_texts: dict[str, str] | None, *,
+                    rules: RuleSet, rationale: RationaleOutcome,
+                    rationale_settings: RationaleSettings = RationaleSettings()) -> dict[str, Any]:
     """One line of the probe set.
 
-    Schema: key, task, example_id, example (Example.to_dict), rationale (R_T used), teacher,
-    student, filter (FilterSettings), probes (one per rule, in rule order: rule, status, stage,
-    reason, probe, response, probe_answer, consistent, student_response, student_answer,
-    student_correct, kept), n_probes, n_generated, n_consistent (N'), n_student_correct (Λ, or
-    None without a student), verdict ("kept" | "no_probes" | "too_easy" | "too_hard"), kept.
-    A probe is usable for training iff its `kept` is true (consistent, in a kept question)."""
+    Schema: key, task, example_id, example (Example.to_dict: the dataset's fields as loaded),
+    rationale (the R_T used: probes were written from it and SFT's Q -> R_T pair trains on it; None
+    when dropped), rationale_source ("teacher" | "dataset" | None), rationale_note (why the source
+    differs from the one asked for, else None), rationale_settings (RationaleSettings),
+    rationale_attempts (the teacher's attempts at R_T in order: attempt, status, reason, response,
+    answer, correct; empty when the dataset's was used), teacher, student, filter (FilterSettings),
+    probes (one per rule, in rule order: rule, status, stage, reason, probe, prompt, response,
+    probe_answer, consistent, student_response, student_answer, student_correct, kept), n_probes,
+    n_generated, n_consistent (N'), n_student_correct (Λ, or None without a student), verdict
+    ("kept" | "no_rationale" | "no_probes" | "too_easy" | "too_hard"), kept.
+
+    A probe's `prompt` is the exact user turn the teacher answered and filter 2's student saw
+    (`probe_prompt`: the probe and the rule set's answer instruction); SFT and the ExGRPO dialogues
+    show that same text. A probe is usable for training iff its `kept` is true (consistent, in a kept
+    question). A question whose R_T could not be settled has no probes and verdict "no_rationale"."""
     probes = []
     n_correct = 0
     for u in unit_recs:
@@ -151,18 +249,23 @@ def question_record(ex: Example, key: str, unit_recs: list[dict[str, Any]], teac
         st_ok = short_equal(st_ans, u["probe_answer"]) if st_text is not None else None
         n_correct += bool(st_ok)
         probes.append({"rule": u["rule"], "status": u["status"], "stage": u["stage"], "reason": u["reason"],
-                       "probe": u["probe"], "response": u["response"], "probe_answer": u["probe_answer"],
+                       "probe": u["probe"], "prompt": probe_prompt(u["probe"], rules) if u["probe"] else None,
+                       "response": u["response"], "probe_answer": u["probe_answer"],
                        "consistent": u["consistent"], "student_response": st_text, "student_answer": st_ans,
                        "student_correct": st_ok})
     n_cons = sum(p["consistent"] for p in probes)
-    verdict = difficulty_verdict(n_cons, n_correct if student_texts is not None else None, f)
+    judged = student_texts is not None and rationale.text is not None
+    if rationale.text is None:
+        verdict = "no_rationale"
+    else:
+        verdict = difficulty_verdict(n_cons, n_correct if judged else None, f)
     for p in probes:
         p["kept"] = bool(p["consistent"] and verdict == "kept")
     return {"key": key, "task": ex.task, "example_id": ex.id, "example": ex.to_dict(),
-            "rationale": unit_recs[0]["rationale"] if unit_recs else ex.rationale,
+            **rationale.fields(ex, rationale_settings),
             "teacher": teacher_fp, "student": student_fp, "filter": asdict(f), "probes": probes,
             "n_probes": len(probes), "n_generated": sum(p["status"] == "ok" for p in probes),
-            "n_consistent": n_cons, "n_student_correct": n_correct if student_texts is not None else None,
+            "n_consistent": n_cons, "n_student_correct": n_correct if judged else None,
             "verdict": verdict, "kept": verdict == "kept"}
 
 
@@ -176,82 +279,142 @@ class RunResult:
     questions_skipped: int = 0     # already in the probe set
     units_done: int = 0            # probes computed in this run
     units_skipped: int = 0         # found in the work log
+    rationale_attempts_done: int = 0     # R_T attempts made in this run
+    rationale_attempts_skipped: int = 0  # R_T attempts found in the R_T log
     dropped_torn_lines: list[str] = field(default_factory=list)
     stopped: str | None = None     # why the run stopped early (teacher down), else None
-    question_records: list[dict[str, Any]] = field(default_factory=list)  # this run's examples, done
-    unit_records: list[dict[str, Any]] = field(default_factory=list)      # this run's examples, done
+    question_records: list[dict[str, Any]] = field(default_factory=list)   # this run's examples, done
+    unit_records: list[dict[str, Any]] = field(default_factory=list)       # this run's examples, done
+    rationale_records: list[dict[str, Any]] = field(default_factory=list)  # this run's examples, done
 
 
 @dataclass
 class _Pending:
+    task: Task
     ex: Example
     qkey: str
-    rules: list[ProbeRule]
-    rationale: str | None = None
+    rt: RationaleOutcome = field(default_factory=RationaleOutcome)
+    next_attempt: int = 0          # the next R_T attempt to make
+    dropped: bool = False          # every R_T attempt made and none correct
+    rules: list[ProbeRule] = field(default_factory=list)   # the rules still to run (R_T settled)
     remaining: int = 0
+
+    def unit_keys(self, rules: RuleSet, tfp: str) -> list[str]:
+        assert self.rt.text is not None
+        return [probe_key(self.ex, r, tfp, self.rt.text) for r in rules.rules]
+
+
+def replay_rationale(p: _Pending, rs: RationaleSettings, rlog: JsonlStore, tfp: str) -> None:
+    """Settle p's R_T from the dataset or from the logged attempts, as far as they go: sets p.rt.text
+    (the first correct attempt), or p.dropped (all `rs.tries` logged, none correct), or leaves
+    p.next_attempt at the first attempt not yet made."""
+    if rs.source == "dataset" and p.ex.rationale:
+        p.rt = RationaleOutcome(p.ex.rationale, "dataset")
+        return
+    for i in range(rs.tries):
+        rec = rlog.records.get(rationale_key(p.task, p.ex, tfp, i))
+        if rec is None:
+            p.next_attempt = i
+            return
+        p.rt.attempts.append(rec)
+        if rec["correct"]:
+            p.rt.text, p.rt.source = rec["response"], "teacher"
+            return
+    p.next_attempt, p.dropped = rs.tries, True
 
 
 def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules: RuleSet, out_dir: str | Path,
                  *, student: Student | None = None, filters: FilterSettings = FilterSettings(),
+                 rationale: RationaleSettings = RationaleSettings(),
                  workers: int = 8, student_batch: int = 64, fsync: bool = False,
                  on_total: Callable[[int], None] | None = None,
                  on_progress: Callable[[int], None] | None = None) -> RunResult:
-    """Run (or resume) Stage 1 over `items`; see the module docstring for the files written."""
+    """Run (or resume) Stage 1 over `items`; see the module docstring for the files written.
+    `on_total` gets the number of probes left to compute, again whenever it changes (a question's
+    R_T settles, or it is dropped); `on_progress` gets 1 per probe computed."""
+    rationale.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log, qset = open_store(out / LOG_FILE, fsync), open_store(out / SET_FILE, fsync)
+    log, rlog = open_store(out / LOG_FILE, fsync), open_store(out / RATIONALE_FILE, fsync)
+    qset = open_store(out / SET_FILE, fsync)
     res = RunResult(out)
-    res.dropped_torn_lines = [str(s.path) for s in (log, qset) if s.dropped_torn_line]
+    res.dropped_torn_lines = [str(s.path) for s in (rlog, log, qset) if s.dropped_torn_line]
     student_fp = student.fingerprint if student is not None else None
     tfp = teacher.fingerprint
+    n_rules = len(rules.rules)
+
+    def plan_units(p: _Pending) -> None:
+        """p's R_T is settled: the probes still to compute."""
+        keys = p.unit_keys(rules, tfp)
+        p.rules = [r for r, k in zip(rules.rules, keys) if k not in log.records]
+        p.remaining = len(p.rules)
+        res.units_skipped += n_rules - len(p.rules)
 
     # What is left to do, per example.
-    todo: list[tuple[Task, _Pending]] = []
-    order: list[tuple[Example, str, list[str]]] = []
-    n_units = 0
+    order: list[_Pending] = []
+    todo: list[_Pending] = []
     for task, ex in items:
         res.examples += 1
-        qk = question_key(ex, rules, tfp, student_fp, filters)
-        ukeys = [probe_key(ex, r, tfp) for r in rules.rules]
-        order.append((ex, qk, ukeys))
-        if qk in qset.records:
+        p = _Pending(task, ex, question_key(ex, rules, tfp, student_fp, filters, rationale))
+        replay_rationale(p, rationale, rlog, tfp)
+        order.append(p)
+        if p.qkey in qset.records:
             res.questions_skipped += 1
             continue
-        missing = [r for r, k in zip(rules.rules, ukeys) if k not in log.records]
-        res.units_skipped += len(rules.rules) - len(missing)
-        p = _Pending(ex, qk, missing, remaining=len(missing))
-        done_units = [log.records[k] for k in ukeys if k in log.records]
-        # Reuse the rationale of an earlier run, so a resumed question sees the same R_T.
-        p.rationale = ex.rationale or next((u["rationale"] for u in done_units if u.get("rationale")), None)
-        todo.append((task, p))
-        n_units += len(missing)
+        res.rationale_attempts_skipped += len(p.rt.attempts)
+        if p.rt.text is not None:
+            plan_units(p)
+        todo.append(p)
+    # Probes left: exact for a question whose R_T is settled, every rule for one whose R_T is not yet.
+    total = sum(p.remaining if p.rt.text is not None else (0 if p.dropped else n_rules) for p in todo)
     if on_total:
-        on_total(n_units)
+        on_total(total)
 
-    ready: list[tuple[Task, _Pending]] = []
+    def retotal(delta: int) -> None:
+        nonlocal total
+        total += delta
+        if on_total and delta:
+            on_total(total)
+
+    ready: list[_Pending] = []
 
     def flush_ready() -> None:
         if not ready:
             return
         batch = list(ready)
         ready.clear()
-        _finish(batch, log, qset, rules, tfp, student, student_fp, filters, res)
+        _finish(batch, log, qset, rules, tfp, student, student_fp, filters, rationale, res)
 
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="exgrpo-probe")
-    inflight: dict[Future, tuple[str, Task, _Pending, ProbeRule | None]] = {}
+    inflight: dict[Future, tuple[str, _Pending]] = {}
     queue = iter(todo)
 
-    def submit_units(task: Task, p: _Pending) -> None:
-        for r in p.rules:
-            fut = pool.submit(run_probe_unit, teacher, task, p.ex, r, p.rationale or "",
-                              probe_key(p.ex, r, tfp))
-            inflight[fut] = ("unit", task, p, r)
+    def start(p: _Pending) -> None:
+        """The next calls for p: an R_T attempt, its probes, or none (then it is ready for filter 2)."""
+        if p.dropped or (p.rt.text is not None and not p.rules):
+            ready.append(p)
+        elif p.rt.text is None:
+            fut = pool.submit(run_rationale_attempt, teacher, p.task, p.ex, p.next_attempt,
+                              rationale_key(p.task, p.ex, tfp, p.next_attempt))
+            inflight[fut] = ("rationale", p)
+        else:
+            for r, k in zip(p.rules, [probe_key(p.ex, r, tfp, p.rt.text) for r in p.rules]):
+                inflight[pool.submit(run_probe_unit, teacher, p.task, p.ex, r, p.rt.text, k)] = ("unit", p)
 
-    def get_rationale(task: Task, ex: Example) -> str:
-        # R_T for a dataset without one. A failed solve leaves it empty: probes can still be
-        # written from Q and A, and filter 1 still checks them.
-        r = teacher.solve(task, ex)
-        return r.text if r.ok and r.text else ""
+    def attempt_done(p: _Pending, rec: dict[str, Any]) -> None:
+        rlog.append(rec)
+        res.rationale_attempts_done += 1
+        p.rt.attempts.append(rec)
+        p.next_attempt += 1
+        if rec["correct"]:
+            p.rt.text, p.rt.source = rec["response"], "teacher"
+            plan_units(p)
+            retotal(p.remaining - n_rules)
+        elif p.next_attempt >= rationale.tries:
+            p.dropped = True            # no probe calls are spent on it
+            retotal(-n_rules)
+        if not res.stopped or p.dropped:    # a dropped question's record is complete: write it anyway
+            start(p)
 
     try:
         exhausted = False
@@ -261,18 +424,13 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
                 if nxt is None:
                     exhausted = True
                     break
-                task, p = nxt
-                if not p.rules:
-                    ready.append((task, p))
-                elif p.rationale is None:
-                    inflight[pool.submit(get_rationale, task, p.ex)] = ("prep", task, p, None)
-                else:
-                    submit_units(task, p)
+                start(nxt)
             if not inflight:
                 break
             done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            interrupted: BaseException | None = None
             for fut in done:
-                kind, task, p, rule = inflight.pop(fut)
+                kind, p = inflight.pop(fut)
                 try:
                     value = fut.result()
                 except TeacherUnavailable as e:
@@ -281,10 +439,11 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
                         for f in inflight:  # start nothing new; in-flight calls finish or fail
                             f.cancel()
                     continue
-                if kind == "prep":
-                    p.rationale = value
-                    if not res.stopped:
-                        submit_units(task, p)
+                except BaseException as e:  # Ctrl-C or a bug: first log every other call that returned
+                    interrupted = interrupted or e
+                    continue
+                if kind == "rationale":
+                    attempt_done(p, value)
                     continue
                 log.append(value)
                 res.units_done += 1
@@ -292,7 +451,9 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
                     on_progress(1)
                 p.remaining -= 1
                 if p.remaining == 0:
-                    ready.append((task, p))
+                    ready.append(p)
+            if interrupted is not None:
+                raise interrupted
             inflight = {f: v for f, v in inflight.items() if not f.cancelled()}
             if len(ready) >= student_batch:
                 flush_ready()
@@ -302,25 +463,33 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
         # on Ctrl-C this waits for them too, and cancels everything not started.
         pool.shutdown(wait=True, cancel_futures=True)
 
-    for _ex, qk, ukeys in order:
-        if qk in qset.records:
-            res.question_records.append(qset.records[qk])
-        res.unit_records += [log.records[k] for k in ukeys if k in log.records]
+    for p in order:
+        rec = qset.records.get(p.qkey)
+        if rec is not None:
+            res.question_records.append(rec)
+        res.rationale_records += p.rt.attempts
+        text = p.rt.text if p.rt.text is not None else (rec or {}).get("rationale")
+        if text is not None:
+            res.unit_records += [log.records[k] for k in (probe_key(p.ex, r, tfp, text) for r in rules.rules)
+                                 if k in log.records]
     return res
 
 
-def _finish(batch: list[tuple[Task, _Pending]], log: JsonlStore, qset: JsonlStore, rules: RuleSet, tfp: str,
-            student: Student | None, student_fp: str | None, f: FilterSettings, res: RunResult) -> None:
-    """Filter 2 for questions whose probes are all logged, then their probe-set records."""
-    units = {id(p): [log.records[probe_key(p.ex, r, tfp)] for r in rules.rules] for _, p in batch}
+def _finish(batch: list[_Pending], log: JsonlStore, qset: JsonlStore, rules: RuleSet, tfp: str,
+            student: Student | None, student_fp: str | None, f: FilterSettings, rs: RationaleSettings,
+            res: RunResult) -> None:
+    """Filter 2 for questions whose probes are all logged, then their probe-set records (a question
+    dropped for its R_T gets its record without any student call)."""
+    units = {id(p): [] if p.dropped else [log.records[k] for k in p.unit_keys(rules, tfp)] for p in batch}
     texts: dict[str, str] | None = None
     if student is not None:
-        asks = [u for _, p in batch for u in units[id(p)] if u["consistent"]]
+        asks = [u for p in batch for u in units[id(p)] if u["consistent"]]
         answers = student.answer([probe_prompt(u["probe"], rules) for u in asks]) if asks else []
         if len(answers) != len(asks):
             raise RuntimeError(f"the student returned {len(answers)} answers for {len(asks)} prompts")
         texts = {u["key"]: t for u, t in zip(asks, answers)}
-    for _, p in batch:
-        rec = question_record(p.ex, p.qkey, units[id(p)], tfp, student_fp, f, texts)
+    for p in batch:
+        rec = question_record(p.ex, p.qkey, units[id(p)], tfp, student_fp, f, texts, rules=rules,
+                              rationale=p.rt, rationale_settings=rs)
         if qset.append(rec):
             res.questions_written += 1

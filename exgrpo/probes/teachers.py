@@ -1,7 +1,8 @@
 """Teachers behind one interface: an LLM over any `ChatBackend`, or the synthetic oracle.
 
 A teacher does four things for the EI pipeline, one request each, all thread-safe:
-`solve` (R_T when the dataset has none), `write_probe` (Q_aug from a rule), `answer_probe`
+`solve` (R_T: the teacher's solution of Q, kept by the pipeline only when its extracted answer is
+the gold one, and asked again when it is not), `write_probe` (Q_aug from a rule), `answer_probe`
 (R_aug ending in "The answer is A_aug") and `recheck` (filter 1: answer Q after the probe turn).
 The pipeline parses every reply the same way, whoever wrote it.
 """
@@ -35,6 +36,9 @@ def gold_display(ex: Example) -> str:
 
 
 def probe_prompt(probe: str, rules: RuleSet) -> str:
+    """A probe's user turn: the probe, then the rule set's answer instruction (so that A_aug can be
+    extracted). The one text every reader of a probe sees: the teacher answering it, filter 1, filter
+    2's student, and, through the probe set's "prompt" field, SFT and the ExGRPO dialogues."""
     return f"{probe}\n{rules.answer_instruction}"
 
 
@@ -52,6 +56,8 @@ class LLMTeacher:
         self.fingerprint = backend.fingerprint
 
     def solve(self, task: Task, ex: Example) -> Reply:
+        """R_T: Q as the student is asked it (with the task's answer-format instruction), so that the
+        pipeline can extract the answer and check it against the gold one."""
         return self.backend.complete([{"role": "user", "content": task.prompt(ex)}])
 
     def write_probe(self, task: Task, ex: Example, rule: ProbeRule, rationale: str) -> Reply:
@@ -72,6 +78,7 @@ class OracleTeacher:
     fingerprint = json.dumps({"backend": "synthetic-oracle", "version": 1})
 
     def solve(self, task: Task, ex: Example) -> Reply:
+        """The program's worked solution: always the correct R_T."""
         return self._guard(ex) or Reply(synthetic.rationale_text(ex.meta["program"]))
 
     def write_probe(self, task: Task, ex: Example, rule: ProbeRule, rationale: str) -> Reply:
