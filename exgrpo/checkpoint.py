@@ -6,10 +6,16 @@ Layout of `run/ckpt-NNNNNN/`:
     model/        single-process runs only: the model (or LoRA adapter) as safetensors, save_pretrained
     trainer.pt    scheduler and RNG states
     state.json    step, data position and loop counters
+    manifest.json every other file's size, written last
 
 Writing: everything goes into `.tmp-ckpt-NNNNNN/`, every file is fsynced, the folder is renamed into
 place, then the `latest` pointer is replaced atomically. A kill at any instant leaves either the
 previous checkpoint or the new one, never a half-written one that `latest` points to.
+
+Reading (`resume`): `latest` is a hint, not the truth. The checkpoint folders are scanned newest step first;
+each is verified against its manifest (a file missing or of another size: damaged) and loaded; a damaged
+or unloadable one is reported and the next older one tried. Nothing loadable in a folder that holds
+checkpoints is an error, never a silent start from step 0.
 """
 from __future__ import annotations
 
@@ -96,6 +102,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, *, 
             _hf_model(model).save_pretrained(str(tmp / "model"), safe_serialization=True)
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "world": d.world, **state}))
+        write_manifest(tmp, step)
         _fsync_tree(tmp)
         if final.exists():                               # re-saving the same step (e.g. after a resume)
             shutil.rmtree(final)
@@ -107,18 +114,95 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, state: dict, *, 
             os.fsync(f.fileno())
         os.replace(ptr, run_dir / "latest")
         _fsync_dir(run_dir)
-        for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(run_dir, step, keep)
     barrier(d)
     return final
 
 
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}))
+
+
+def verify(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (a file missing, truncated or grown, no manifest), or None."""
+    m = ckpt / MANIFEST
+    if not m.is_file():
+        return "no manifest.json (an interrupted save, or a checkpoint from before manifests)"
+    try:
+        man = json.loads(m.read_text())
+        files = dict(man["files"])
+    except (ValueError, KeyError, TypeError):
+        return "manifest.json is not readable"
+    for rel, size in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size} bytes, the manifest says {size}"
+    try:
+        json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError):
+        return "state.json is not readable"
+    return None
+
+
+def step_of(path: Path) -> int | None:
+    name = path.name
+    return int(name[5:]) if name.startswith("ckpt-") and name[5:].isdigit() else None
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run folder's checkpoint folders, newest step first."""
+    found = [p for p in Path(run_dir).glob("ckpt-*") if p.is_dir() and step_of(p) is not None]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def prune(run_dir: Path, step: int, keep: int) -> None:
+    """Keep this run's `keep` newest checkpoints up to `step`; one with a later step is from a timeline this
+    run has left (it resumed from an older checkpoint) and goes too."""
+    mine = [p for p in checkpoints(run_dir) if step_of(p) <= step]
+    for old in [p for p in checkpoints(run_dir) if step_of(p) > step] + mine[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def latest(run_dir: Path) -> Path | None:
-    ptr = Path(run_dir) / "latest"
-    if not ptr.exists():
+    """The newest checkpoint that verifies (the `latest` pointer is only a hint)."""
+    return next((c for c in checkpoints(run_dir) if verify(c) is None), None)
+
+
+class ResumeError(ValueError):
+    pass
+
+
+def resume(run_dir: Path, model, optimizer, scheduler, *, say=print) -> dict | None:
+    """Load the newest checkpoint that verifies and loads; the trainer state, or None for a folder with no
+    checkpoint at all. Each damaged or unloadable one is reported through `say` and the next older tried."""
+    run_dir = Path(run_dir)
+    found = checkpoints(run_dir)
+    if not found:
         return None
-    path = Path(run_dir) / ptr.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    hint = run_dir / "latest"
+    pointed = hint.read_text().strip() if hint.is_file() else None
+    problems = []
+    for ckpt in found:
+        why = verify(ckpt)
+        if why is None:
+            try:
+                state = load(ckpt, model, optimizer, scheduler)
+            except Exception as e:                   # a damaged shard the sizes did not show, a foreign format
+                why = f"loading failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            else:
+                if problems or pointed != ckpt.name:
+                    say(f"resume: from {ckpt.name} (`latest` names {pointed or 'nothing'}); skipped: "
+                        + ("; ".join(problems) or "none"))
+                return state
+        problems.append(f"{ckpt.name}: {why}")
+        say(f"resume: {ckpt.name} is damaged ({why}); trying the one before")
+    raise ResumeError(f"--resume: no loadable checkpoint in {run_dir}: " + "; ".join(problems))
 
 
 def load(ckpt: Path, model, optimizer, scheduler) -> dict:

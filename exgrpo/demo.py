@@ -106,8 +106,9 @@ class DemoConfig:
 
     # Set per arm and seed by the demo itself (stage_arm), so not settings of the demo.
     FIXED: ClassVar[dict[str, tuple[str, ...]]] = {
-        "sft": ("model", "probes", "out", "with_probes", "with_original", "seed", "resume", "progress", "device"),
-        "rl": ("model", "probes", "out", "bonus", "seed", "resume", "progress", "device"),
+        "sft": ("model", "probes", "out", "with_probes", "with_original", "seed", "resume", "overwrite", "progress",
+                "device"),
+        "rl": ("model", "probes", "out", "bonus", "seed", "resume", "overwrite", "progress", "device"),
     }
     # The demo's own names before its SFT and RL settings became SFTConfig / TrainConfig fields.
     RENAMED: ClassVar[dict[str, str]] = {

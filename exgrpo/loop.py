@@ -4,6 +4,7 @@ reference policy, optimizer, resume, config and metrics in the run folder), the 
 (non-finite streak, checkpoint cadence), the Ctrl-C save and the export.
 
     d, dev = distributed.init(cfg.device)
+    claim(cfg, d)                                 # the run folder: writable, locked, no earlier run unless resumed
     model, tok, mixed = load_student(cfg, d, dev)
     policy = make_policy(model, tok, cfg, d, dev, mixed)
     run = start(cfg, d, dev, policy, tok, total_steps=...)
@@ -13,10 +14,19 @@ reference policy, optimizer, resume, config and metrics in the run folder), the 
             ...                                   # the loop's own work: one step.optimize() per step
             run.end_step(step, rec, update)
     export = run.export()
+    run.close()
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +34,94 @@ import torch
 
 from exgrpo import checkpoint, distributed
 from exgrpo.distributed import Dist
+
+# ----------------------------------------------------------------------------- the run folder
+
+LOCK = ".lock"
+_held: dict[Path, int] = {}                 # run folder -> the descriptor whose flock this process holds
+_RUN_OUTPUTS = ("ckpt-*", ".tmp-ckpt-*", "latest", ".latest.tmp", "metrics.jsonl", "export", "export.tmp",
+                "curves.png")
+
+
+def _previous_run(run: Path) -> list[str]:
+    """What in `run` says a run was here: checkpoints, logged steps, an export."""
+    found = []
+    if n := len(checkpoint.checkpoints(run)):
+        found.append(f"{n} checkpoint(s)")
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file() and (n := sum(1 for ln in metrics.read_text(encoding="utf-8").splitlines() if ln.strip())):
+        found.append(f"{n} logged step(s)")
+    if (run / "export").exists():
+        found.append("an export")
+    return found
+
+
+def claim(cfg, d: Dist) -> Path:
+    """Make `cfg.out` this run's before anything loads: a folder (not a file), writable, locked for the run's
+    life (flock: released by the OS on any exit, so a crashed run leaves no stale lock; a second run into it
+    fails at once naming the holder), and, without --resume, free of an earlier run unless --overwrite says
+    to delete it. Rank 0 does the file work; the others wait for it."""
+    run = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it over")
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {run} is a file; the run needs a folder")
+    if d.main:
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+            probe = run / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise ValueError(f"--out {run} is not writable: {e.strerror or e}") from None
+        _lock(run)
+        found = _previous_run(run)
+        if cfg.resume and found and not checkpoint.checkpoints(run):
+            raise ValueError(f"--resume: {run} holds {', '.join(found)} but no checkpoint to continue from; "
+                             "start it over with --overwrite")
+        if found and not cfg.resume:
+            if not cfg.overwrite:
+                raise ValueError(f"{run} already holds a run ({', '.join(found)}); continue it with --resume, or "
+                                 "pass --overwrite to start over (its checkpoints, metrics and export are deleted)")
+            for pattern in _RUN_OUTPUTS:
+                for p in run.glob(pattern):
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+            print(f"--overwrite: deleted the earlier run in {run} ({', '.join(found)})")
+    distributed.barrier(d)
+    return run
+
+
+def _lock(run: Path) -> None:
+    import fcntl
+    key = run.resolve()
+    if key in _held:                        # this process's own earlier run into the folder (tests, the demo)
+        os.close(_held.pop(key))
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
+        os.close(fd)
+        try:
+            h = json.loads(holder)
+            who = f"pid {h['pid']} on {h['host']}, `{h['command']}`, since {h['since']}"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        raise ValueError(f"{run} is in use by another run ({who}); wait for it to finish or stop it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3]),
+                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    _held[key] = fd
+
+
+def release(run: Path) -> None:
+    """Give the run folder's lock back (the end of a run; a crash gives it back by exiting)."""
+    fd = _held.pop(Path(run).resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def load_student(cfg, d: Dist, dev):
@@ -107,9 +205,11 @@ class Run:
 
     @contextlib.contextmanager
     def saving_on_interrupt(self):
-        """Ctrl-C: nothing finished is lost (the steps since the last checkpoint are saved)."""
+        """Ctrl-C or SIGTERM (what schedulers send): nothing finished is lost (the steps since the last
+        checkpoint are saved), then the interrupt goes on."""
         try:
-            yield
+            with _sigterm_as_interrupt():
+                yield
         except KeyboardInterrupt:
             checkpoint.save_on_interrupt(self.dir, self.done, self.saved, self.policy, self.opt, self.sched,
                                          self.bad_streak, keep=self.cfg.keep_checkpoints, d=self.d)
@@ -125,6 +225,30 @@ class Run:
         if self.d.main:
             plot_curves(self.log.read(), keys, self.dir / "curves.png", title)
 
+    def close(self) -> None:
+        """The run is over: its folder's lock is given back."""
+        release(self.dir)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the loop is so that it saves like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated("SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
 
 def start(cfg, d: Dist, dev, policy, tok, *, total_steps: int) -> Run:
     """The optimizer and schedule over `total_steps`, the resume point (cfg.resume: the run folder's
@@ -137,12 +261,12 @@ def start(cfg, d: Dist, dev, policy, tok, *, total_steps: int) -> Run:
     opt, sched = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
                                 total_steps=total_steps, schedule=cfg.schedule, optimizer=cfg.optimizer)
     first, bad_streak = 0, 0
-    last = checkpoint.latest(run) if cfg.resume else None
-    if last is not None:
-        state = checkpoint.load(last, policy, opt, sched)
-        first, bad_streak = state["step"], state["bad_streak"]
-    elif cfg.resume and d.main:
-        print(f"no checkpoint in {run}: starting from step 0")
+    if cfg.resume:
+        state = checkpoint.resume(run, policy, opt, sched, say=print if d.main else (lambda _m: None))
+        if state is not None:
+            first, bad_streak = state["step"], state["bad_streak"]
+        elif d.main:
+            print(f"resume: {run} holds no checkpoint yet: starting at step 0")
     log = None
     if d.main:
         save_config(cfg, run / "config.json")

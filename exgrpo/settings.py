@@ -57,7 +57,8 @@ class RunSettings:
     save_every: int = 25                    # checkpoint every N optimizer steps (and at the end)
     keep_checkpoints: int = 2
     max_bad_steps: int = 3                  # stop after this many non-finite steps in a row
-    resume: bool = False                    # continue from the run folder's latest checkpoint
+    resume: bool = False                    # continue from the run folder's newest loadable checkpoint
+    overwrite: bool = False                 # start over in a folder that holds a run (deletes its checkpoints)
     progress: bool = True
 
 

@@ -74,6 +74,7 @@ def sft(cfg: SFTConfig) -> Path:
         raise ValueError(f"epochs must be > 0, got {cfg.epochs}")
     items = load_probe_set(cfg.probes)
     d, dev = distributed.init(cfg.device)
+    loop.claim(cfg, d)                                     # the run folder is this run's, before any load
     model, tok, mixed = loop.load_student(cfg, d, dev)
     seqs = sft_sequences(items, tok, cfg)
     ctx = context_length(model)
@@ -109,4 +110,5 @@ def sft(cfg: SFTConfig) -> Path:
 
     export = run.export()
     run.plot(["nll", "grad_norm", "lr"], "SFT")
+    run.close()
     return export

@@ -66,6 +66,7 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     _check(cfg)
     items = load_probe_set(cfg.probes)                      # fails on an empty probe set, before any compute
     d, dev = distributed.init(cfg.device)
+    loop.claim(cfg, d)                                     # the run folder is this run's, before any load
     if cfg.questions_per_step % d.world:
         raise ValueError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
                          f"{d.world} processes (each question's group stays on one rank)")
@@ -134,6 +135,7 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     export = run.export()
     run.plot(["reward", "acc", "acc_full", "acc_partial", "dsu_fire_rate", "kl", "clip_frac_low", "clip_frac_high",
               "aux_nll", "loss", "grad_norm"], "ExGRPO")
+    run.close()
     return export
 
 

@@ -22,11 +22,15 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"exgrpo {args._command}: {e}")
         return 2
+    from exgrpo.loop import Terminated
     try:
         out = fn(cfg)
     except (ValueError, FloatingPointError) as e:          # bad input / non-finite stop: a message, not a trace
         print(f"exgrpo {args._command}: {e}")
         return 1
+    except KeyboardInterrupt as e:                         # the finished steps are saved (loop.Run)
+        print(f"exgrpo {args._command}: interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'})")
+        return 143 if isinstance(e, Terminated) else 130
     if os.environ.get("RANK", "0") == "0":
         print(f"exported: {out}")
     return 0
