@@ -149,3 +149,97 @@ def test_task_extract_and_compare_end_to_end():
     m = get_task("math")
     assert m.is_correct(m.extract("Thus \\boxed{\\dfrac{3}{4}}."), "\\frac{3}{4}")
     assert "The answer is (X)" in arc.instruction and arc.prompt(ex).startswith("Q?\n")
+
+
+# ---------------------------------------------------------------- the phrasings models use, and what is refused
+
+LETTER_PHRASINGS = [
+    ("So the best option is A: bank.", "A"),
+    ("the correct option is (B)", "B"),
+    ("The correct choice: C, since ...", "C"),
+    ("**B**", "B"),
+    ("After all that, **(D)**.", "D"),
+    ("The answer is **B**.", "B"),
+    ("answer: B", "B"),
+    ("Answer: (B) bank", "B"),
+    ("Looking at each one...\nB) library", "B"),
+    ("(C)", "C"),
+    ("The answer is (A). Wait, re-reading the question, the answer is (C).", "C"),   # the last statement wins
+    ("Answer: (b)", "B"),
+]
+LETTER_REFUSED = [
+    "Because the door revolves, it keeps people out.",     # B inside a word
+    "A good answer would need more context.",              # A as an English word
+    "The answer is a bit unclear to me.",                  # a lower-case word, not a letter
+    "The best option is F: none of them.",                 # F is not an option of a 5-option question
+    "I think it depends.",
+]
+
+
+@pytest.mark.parametrize("text,want", LETTER_PHRASINGS)
+def test_letter_phrasings_are_accepted(text, want):
+    assert answers.extract_letter(text, "ABCDE") == want
+
+
+@pytest.mark.parametrize("text", LETTER_REFUSED)
+def test_letter_phrasings_that_are_refused(text):
+    assert answers.extract_letter(text, "ABCDE") is None
+
+
+@pytest.mark.parametrize("text,want", [
+    ("The answer is yes.", "yes"), ("**Yes**", "yes"), ("Answer: No", "no"), ("So, no.", "no")])
+def test_yes_no_phrasings(text, want):
+    assert answers.extract_yes_no(text) == want
+
+
+@pytest.mark.parametrize("text,want", [
+    ("The answer is $18$.", "18"), ("The answer is 1,234.", "1234"), ("$\\boxed{18}$", "18"),
+    ("She sells 9 eggs, 9 * 2 = 18.\n#### 18", "18"), ("#### 1,072\nThat is all.", "1072")])
+def test_number_phrasings(text, want):
+    assert answers.extract_number(text) == want
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Final Answer: The final answer is $\\left( 3, \\frac{\\pi}{2} \\right)$. I hope it is correct.",
+     "(3,\\frac{\\pi}{2})"),
+    ("Final Answer: The final answer is $p - q$. I hope it is correct.", "p-q"),
+    ("The answer is \\(\\frac{14}{3}\\).", "\\frac{14}{3}"),
+    ("The answer is 5. I hope it is correct.", "5"),
+])
+def test_math_answer_span_stops_at_the_math(text, want):
+    assert answers.extract_boxed(text) == want
+
+
+# What counts as the same MATH answer (README "What counts as the same answer").
+MATH_SAME = [
+    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "\\frac34"), ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("x=5", "5"), ("10\\%", "10"), ("5\\text{ cm}", "5"), ("30^\\circ", "30"), ("\\{1,2\\}", "\\{2,1\\}"),
+    ("[1,2)", "[1, 2)"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\text{Evelyn}", "Evelyn"), ("p - q", "-q + p"),
+]
+MATH_DIFFERENT = [
+    ("(1,2)", "(2,1)"),                  # tuples and points keep their order
+    ("[1,2)", "[1,2]"),                  # intervals keep their ends
+    ("\\frac{1}{3}", "0.33"),            # a rounded decimal is not the fraction
+    ("2\\sqrt{2}", "2.83"),
+    ("p - q", "q - p"),
+    ("1", "2"),
+]
+
+
+@pytest.mark.parametrize("gold,pred", MATH_SAME)
+def test_math_answers_the_field_treats_as_equal(gold, pred):
+    assert answers.math_equal(pred, gold)
+
+
+@pytest.mark.parametrize("gold,pred", MATH_DIFFERENT)
+def test_math_answers_that_differ(gold, pred):
+    assert not answers.math_equal(pred, gold)
+
+
+def test_math_equal_from_worker_threads():
+    """The probe pipeline judges in worker threads, where math-verify's SIGALRM time-outs cannot be set."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = MATH_SAME + MATH_DIFFERENT
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: answers.math_equal(c[1], c[0]), cases))
+    assert got == [True] * len(MATH_SAME) + [False] * len(MATH_DIFFERENT)

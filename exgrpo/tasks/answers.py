@@ -8,11 +8,13 @@ often ignore the instruction.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from fractions import Fraction
 
-# "The answer is", "the final answer is:", "Answer:" — the last one in the text counts.
-_ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:)\s*:?\s*", re.IGNORECASE)
+# "The answer is", "the final answer is:", "Answer:", GSM8K's "#### 18" — the last one in the text counts.
+_ANSWER_IS = re.compile(r"(?:(?:final\s+answer|answer)\s*(?:is\b|:)\s*:?|^\s*####)\s*", re.IGNORECASE | re.MULTILINE)
 
 
 def answer_span(text: str) -> str | None:
@@ -52,21 +54,41 @@ def last_boxed(text: str) -> str | None:
 
 # ---------------------------------------------------------------- letters
 
+# Where a letter answer is stated: "answer is", "Answer:", "the best option is", "the correct choice:".
+_LETTER_IS = re.compile(r"(?:answer|option|choice)\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+# The stated letter: "(B)", "(b)", "**B**", "B", "B)", "b." — an upper-case letter not inside a word (so
+# "A good option is" and "Because" give nothing), a lower-case one only where it ends the statement ("a bit"
+# gives nothing), or any letter in brackets.
+_STATED = re.compile(r"[*_]*\s*(?:\(\s*([A-Za-z])\s*\)|\b([A-Z])(?![\w'’])|\b([a-z])(?=[.):,;]|\s*$))")
+
+
+def _stated_letter(span: str, valid: set[str]) -> str | None:
+    m = _STATED.match(span)
+    if m is None:
+        return None
+    letter = next(g for g in m.groups() if g).upper()
+    return letter if letter in valid else None
+
+
 def extract_letter(text: str, letters: str = "ABCDE") -> str | None:
     """The chosen option letter, restricted to `letters`.
 
-    Order of preference: the "answer is" span ("The answer is (B)", "Answer: B."), then the last
-    "(X)" anywhere, then a response that is just the letter."""
+    Order of preference: the last statement "The answer is (B)" / "Answer: B" / "the best option is B: bank" /
+    "The answer is **B**"; then the last bold "**B**" or "**(B)**"; then the last "(X)" anywhere; then a last
+    line that starts "B) ..." or "(B) ..."; then a response that is just the letter. Refused: a letter inside
+    a word ("Because"), a capital used as a word ("A good answer ..."), a letter outside `letters`."""
     valid = set(letters.upper())
-    span = answer_span(text)
-    if span is not None:
-        m = re.match(r"\(?\s*([A-Za-z])\s*\)?(?![A-Za-z])", span)
-        if m and m.group(1).upper() in valid:
-            return m.group(1).upper()
-    for m in reversed(list(re.finditer(r"\(([A-Za-z])\)", text))):
-        if m.group(1).upper() in valid:
-            return m.group(1).upper()
-    bare = text.strip().rstrip(".").strip("()").strip()
+    for m in reversed(list(_LETTER_IS.finditer(text))):
+        if (v := _stated_letter(text[m.end():], valid)) is not None:
+            return v
+    for pattern in (r"\*\*\s*\(?([A-Za-z])\)?\s*\*\*", r"\(([A-Za-z])\)"):
+        for m in reversed(list(re.finditer(pattern, text))):
+            if m.group(1).upper() in valid:
+                return m.group(1).upper()
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if lines and (m := re.match(r"\(?([A-Z])\)\s+\S", lines[-1])) and m.group(1) in valid:
+        return m.group(1)
+    bare = text.strip().rstrip(".").strip("*").strip("()").strip()
     if len(bare) == 1 and bare.upper() in valid:
         return bare.upper()
     return None
@@ -217,25 +239,67 @@ def normalize_math(s: str) -> str:
     return s
 
 
+_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+
+
+def _span_math(span: str) -> str:
+    """The answer inside an "answer is" span: its first `$...$` (or `\\(...\\)`, `\\[...\\]`) when it has one,
+    else the span up to the end of its sentence. So the common "Final Answer: The final answer is $x$. I hope
+    it is correct." gives x."""
+    m = _INLINE_MATH.search(span)
+    if m is not None:
+        return next(g for g in m.groups() if g is not None).strip()
+    return re.split(r"\.\s+(?=[A-Z])", span, maxsplit=1)[0].strip().rstrip(".").strip()
+
+
 def extract_boxed(text: str) -> str | None:
-    """MATH: the last `\\boxed{}` content, else the "answer is" span; normalised."""
+    """MATH: the last `\\boxed{}` content, else the answer of the last "answer is" span (see _span_math)."""
     b = last_boxed(text)
     if b is None:
         span = answer_span(text)
         if span is None:
             return None
-        b = span.strip().rstrip(".").strip("$ ")
+        b = _span_math(span)
     return normalize_math(b) or None
 
 
+MAX_VERIFY_CHARS = 300      # longer predictions are compared as strings only (sympy on junk can take long)
+
+
 def math_equal(pred: str | None, gold: str) -> bool:
+    """MATH answers: equal after MATH's usual normalisation (normalize_math), or equivalent as mathematics by
+    math-verify (fractions vs decimals, `\\dfrac` vs `\\frac`, reordered sets, intervals, tuples in order,
+    `x = 5` vs `5`, units and degrees dropped, `2\\sqrt{2}` vs `\\sqrt{8}`)."""
     if pred is None:
         return False
     p, g = normalize_math(pred), normalize_math(gold)
     if p == g:
         return True
-    pv, gv = parse_number(p), parse_number(g)
-    return pv is not None and gv is not None and numbers_equal(p, g)
+    if parse_number(p) is not None and parse_number(g) is not None:
+        return numbers_equal(p, g)
+    if len(pred) > MAX_VERIFY_CHARS:
+        return False
+    return _verify(gold.strip(), pred.strip())
+
+
+def _verify(gold: str, pred: str) -> bool:
+    import threading
+
+    from math_verify import parse, verify
+    # math-verify's time-outs use SIGALRM, which only the main thread may set; elsewhere (the probe pipeline's
+    # worker threads) they are off and the length bound above keeps sympy's work small.
+    t = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        return bool(verify(_parse_gold(gold, t), parse(f"${pred}$", parsing_timeout=t), timeout_seconds=t))
+    except Exception:                    # a parse or comparison error means not shown equal
+        return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str, t: int | None):
+    from math_verify import parse
+    logging.getLogger("math_verify").setLevel(logging.ERROR)     # its "timeout disabled" notice, once per call
+    return parse(f"${gold}$", parsing_timeout=t)
 
 
 # ---------------------------------------------------------------- short free-text answers
