@@ -100,7 +100,12 @@ def load_config_file(path: str | Path, table: str | None = None) -> dict[str, An
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    if p.is_dir():
+        raise ValueError(f"--config {p} is a folder; give a JSON or TOML file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     if p.suffix == ".toml":
         import tomllib
         try:

@@ -36,7 +36,33 @@ def check_model_dir(path: str | Path) -> Path:
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin")) + list(p.glob("adapter_model.*"))
     if not weights:
         raise ModelError(f"{p} has a config but no weights (*.safetensors / *.bin)")
+    for w in sorted(p.glob("*.safetensors")):
+        if (why := safetensors_damage(w)) is not None:
+            raise ModelError(f"{w} is damaged ({why}); copy or download it again")
     return p
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a .safetensors file cannot be whole (its header unreadable, or its tensors reaching past the end of
+    the file: a truncated copy), read from the header alone; None when it looks whole."""
+    import json
+    import struct
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a header"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"its header claims {n} bytes but the file has {size}"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "its header is not JSON"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if ends and 8 + n + max(ends) > size:
+        return f"{size} bytes, but its tensors need {8 + n + max(ends)} (truncated)"
+    return None
 
 
 def load_tokenizer(path: str | Path):

@@ -69,7 +69,7 @@ def sft(cfg: SFTConfig) -> Path:
     from exgrpo.models import context_length
 
     # ========================================================================= init
-    require_positive(cfg, ("batch_size", "micro_batch_tokens", "save_every"))
+    require_positive(cfg, ("batch_size", "micro_batch_tokens", "save_every", "keep_checkpoints"))
     if not cfg.epochs > 0:
         raise ValueError(f"epochs must be > 0, got {cfg.epochs}")
     items = load_probe_set(cfg.probes)

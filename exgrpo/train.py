@@ -144,7 +144,7 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.temperature <= 0:
         raise ValueError(f"temperature must be > 0 (ExGRPO samples G trajectories per scenario), got {cfg.temperature}")
     require_positive(cfg, ("steps", "questions_per_step", "group_size", "updates_per_batch", "micro_batch_tokens",
-                           "save_every"))
+                           "save_every", "k_probes", "max_new_tokens", "keep_checkpoints"))
     if cfg.partial_probes is not None and cfg.partial_probes < 0:
         raise ValueError(f"partial_probes must be >= 0 or none, got {cfg.partial_probes}")
 

@@ -121,6 +121,20 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(500, {"error": "internal"})
         if "[SLOW]" in text and n == 1:
             time.sleep(1.0)
+        if "[TRICKLE]" in text and n == 1:             # headers at once, then one byte every 0.1 s
+            body = json.dumps({"choices": [{"message": {"content": "slow " * 40}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         if "[BAD400]" in text:
             return self._send(400, {"error": "context too long"})
         if "[AUTH]" in text:
@@ -184,6 +198,14 @@ def test_slow_reply_times_out_then_retry_succeeds(server):
     STATE.reset()
     with pytest.raises(TeacherUnavailable, match="timed out after 0.4 s"):
         _ask(_backend(server, max_retries=0), "[SLOW]")
+
+
+def test_the_time_out_bounds_the_whole_request_not_each_read(server):
+    """A server trickling a byte every 0.1 s never trips a 0.4 s socket time-out, but the request has one."""
+    t0 = time.monotonic()
+    r = _ask(_backend(server), "[TRICKLE]")
+    assert r.ok and STATE.total == 2
+    assert time.monotonic() - t0 < 2.0            # the trickled body alone would take over 20 s
 
 
 def test_other_4xx_is_not_retried(server):

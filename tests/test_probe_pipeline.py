@@ -396,7 +396,10 @@ def test_cli_field_mapping_and_a_file_with_nothing_readable(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "if 'label' holds it, pass --field answer=label" in err and "no example could be read" in err
     assert not (out / "probe_set.jsonl").exists()
-    # mapped, the record loads; the oracle cannot serve gsm8k, so its R_T attempts fail, but nothing is refused
+    # mapped, the record loads; the oracle cannot serve gsm8k, so every call fails: a non-zero exit naming why
     rc = cli_main(["probe", "--task", "gsm8k", "--data", str(data), "--out", str(out), "--field", "answer=label",
                    "--no-progress"])
-    assert rc == 0 and "1 questions" in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert rc == 4 and "1 questions" in cap.out
+    assert "every teacher call of this run failed; the commonest error: R_T: " in cap.err
+    assert "the synthetic oracle cannot handle example" in cap.err

@@ -18,6 +18,7 @@ Every field of `ProbeConfig` is a config-file key and a `--flag`. The merged con
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,25 @@ def build_items(cfg: ProbeConfig) -> tuple[list, list[str]]:
     return [(task, e) for e in res.examples], res.skipped
 
 
+def check_secrets(cfg: ProbeConfig) -> None:
+    """The API key is read from the variable `api_key_env` names, never held in the config (which is saved in
+    the run folder): a key given in its place or inside the URL is refused, and a variable the user named
+    must be set. The default variable may be unset (a local server without auth)."""
+    import re
+    from urllib.parse import urlsplit
+    name = cfg.api_key_env
+    if name and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError("--api-key-env must be the NAME of the environment variable holding the key (e.g. "
+                         "OPENAI_API_KEY), and what was given is not a variable name; it is not saved")
+    if name and name != ProbeConfig.api_key_env and not os.environ.get(name):
+        raise ValueError(f"--api-key-env {name}: that environment variable is not set (export it, or pass "
+                         "--api-key-env '' for a server without auth)")
+    url = urlsplit(cfg.base_url)
+    if url.username or url.password or re.search(r"(?i)(key|token|secret)=", url.query):
+        raise ValueError("--base-url carries a credential; put the key in an environment variable and name it "
+                         "with --api-key-env (the URL is saved in the run folder's config.json)")
+
+
 def build_teacher(cfg: ProbeConfig, rules: Any) -> Any:
     from exgrpo.probes import backends, teachers
     if cfg.teacher == "oracle":
@@ -103,6 +123,7 @@ def build_teacher(cfg: ProbeConfig, rules: Any) -> Any:
     if not cfg.teacher_model:
         raise ValueError(f"--teacher {cfg.teacher} needs --teacher-model")
     if cfg.teacher == "http":
+        check_secrets(cfg)
         b = backends.HTTPBackend(backends.HTTPSettings(
             base_url=cfg.base_url, model=cfg.teacher_model, api_key_env=cfg.api_key_env,
             max_concurrency=cfg.concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
@@ -178,4 +199,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"exgrpo probe: stopped early: {res.stopped}\nThe work done so far is saved; run the same "
               "command again to resume.", file=sys.stderr)
         return 3
+    if (why := all_failed(res)) is not None:
+        print(f"exgrpo probe: every teacher call of this run failed; the commonest error: {why}", file=sys.stderr)
+        return 4
     return 0
+
+
+def all_failed(res: Any) -> str | None:
+    """The commonest error when this run made teacher calls and not one of them gave a usable answer."""
+    from collections import Counter
+    units = [u for u in res.unit_records if u.get("status")]
+    rts = list(res.rationale_records)
+    if not (res.units_done or res.rationale_attempts_done):
+        return None
+    if any(u["status"] == "ok" for u in units) or any(r.get("correct") for r in rts):
+        return None
+    errors = Counter([f"{u['stage']}: {u['reason']}" for u in units] + [f"R_T: {r['reason']}" for r in rts])
+    return errors.most_common(1)[0][0] if errors else "unknown"

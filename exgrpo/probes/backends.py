@@ -59,7 +59,7 @@ class HTTPSettings:
     model: str
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable; empty/unset: no auth
     max_concurrency: int = 8
-    timeout_s: float = 120.0           # per socket operation (connect, and each read)
+    timeout_s: float = 120.0           # the whole request (connect, wait, read), give or take one socket read
     max_retries: int = 5               # retries after the first attempt
     backoff_s: float = 1.0             # first back-off; doubles per retry, with jitter
     backoff_max_s: float = 60.0
@@ -72,6 +72,11 @@ class HTTPBackend:
     def __init__(self, s: HTTPSettings, sleep: Callable[[float], None] = time.sleep):
         if not s.base_url.startswith(("http://", "https://")):
             raise ValueError(f"teacher base URL must start with http:// or https://, got {s.base_url!r}")
+        if not s.timeout_s > 0:
+            raise ValueError(f"--timeout-s must be > 0, got {s.timeout_s}")
+        if s.max_retries < 0 or s.max_concurrency < 1:
+            raise ValueError(f"--max-retries must be >= 0 and --concurrency >= 1, got {s.max_retries} and "
+                             f"{s.max_concurrency}")
         self.s = s
         self.url = s.base_url.rstrip("/") + "/chat/completions"
         self.fingerprint = json.dumps({"backend": "http", "url": s.base_url.rstrip("/"), "model": s.model,
@@ -99,8 +104,9 @@ class HTTPBackend:
             try:
                 with self._slots:
                     req = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
+                    deadline = time.monotonic() + self.s.timeout_s
                     with urllib.request.urlopen(req, timeout=self.s.timeout_s) as resp:
-                        raw = resp.read()
+                        raw = _read_by(resp, deadline)
                 return parse_chat_response(raw)
             except urllib.error.HTTPError as e:
                 detail = _snippet(e)
@@ -129,6 +135,17 @@ class HTTPBackend:
                 self._sleep(wait if wait is not None else backoff * random.uniform(0.5, 1.0))
         raise TeacherUnavailable(
             f"teacher at {self.url} failed {self.s.max_retries + 1} times; last error: {last}")
+
+
+def _read_by(resp, deadline: float) -> bytes:
+    """The body, read in chunks so that a server trickling bytes cannot hold a request past its deadline (each
+    socket read is bounded by the time-out too, so the overrun is at most one read)."""
+    parts = []
+    while chunk := resp.read1(1 << 16):
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the whole request took longer than its time-out")
+    return b"".join(parts)
 
 
 def _snippet(e: urllib.error.HTTPError) -> str:

@@ -1,0 +1,60 @@
+"""Input mistakes answered with one line naming what is wrong, before anything loads or is written."""
+import json
+import shutil
+
+import pytest
+
+from exgrpo.cli import main as cli_main
+from exgrpo.models import ModelError, check_model_dir
+from tests.test_trainer import small_train
+
+
+def test_a_config_folder_is_named(tmp_path, capsys):
+    assert cli_main(["probe", "--config", str(tmp_path)]) == 2
+    assert f"--config {tmp_path} is a folder; give a JSON or TOML file" in capsys.readouterr().err
+    bad = tmp_path / "c.json"
+    bad.write_bytes(b'{"task": "caf\xe9"}')
+    assert cli_main(["probe", "--config", str(bad)]) == 2
+    assert "c.json: not UTF-8 text (byte 0xe9" in capsys.readouterr().err
+
+
+def test_a_truncated_safetensors_file_is_named_before_loading(tiny_student, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_student, copy)
+    w = next(copy.glob("*.safetensors"))
+    check_model_dir(copy)
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(ModelError, match=r"model\.safetensors is damaged \(\d+ bytes, but its tensors need \d+ "
+                                         r"\(truncated\)\); copy or download it again"):
+        check_model_dir(copy)
+    w.write_bytes(b"\xff" * 16)
+    with pytest.raises(ModelError, match="its header claims"):
+        check_model_dir(copy)
+
+
+def test_zero_counts_are_refused(tiny_student, probe_dir, tmp_path):
+    from exgrpo.train import train
+    for name in ("k_probes", "max_new_tokens", "keep_checkpoints"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            train(small_train(tiny_student, probe_dir, tmp_path / name, **{name: 0}))
+        assert not (tmp_path / name).exists()
+
+
+HTTP = ["probe", "--task", "gsm8k", "--teacher", "http", "--teacher-model", "m", "--limit", "1", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--api-key-env", "sk-abc123secret"], "must be the NAME of the environment variable"),
+    (["--api-key-env", "EXGRPO_TEST_SURELY_UNSET"], "EXGRPO_TEST_SURELY_UNSET: that environment variable is not set"),
+    (["--base-url", "http://user:sk-abc@127.0.0.1:9/v1"], "--base-url carries a credential"),
+    (["--base-url", "http://127.0.0.1:9/v1?api_key=sk-abc"], "--base-url carries a credential"),
+])
+def test_secrets_are_never_taken_in_a_flag(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EXGRPO_TEST_SURELY_UNSET", raising=False)
+    data = tmp_path / "g.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    out = tmp_path / "o"
+    assert cli_main([*HTTP, "--data", str(data), "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "sk-abc" not in err
+    assert not (out / "config.json").exists()
