@@ -236,6 +236,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if (cfg.model is None) == (cfg.outputs is None):
         raise EvalError("give exactly one of --model (a model directory) or --outputs (a JSONL file)")
     sets = build_sets(cfg)
+    if cfg.out:
+        _check_writable(Path(cfg.out))
     if cfg.outputs is not None:
         _check_ids_unambiguous(sets)
         given = read_outputs(cfg.outputs)
@@ -260,6 +262,21 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def _check_writable(out: Path) -> None:
+    """The report's place, tried before any answer is computed (not after an hour of generation)."""
+    if out.is_dir():
+        raise EvalError(f"--out {out} is a folder; give the report's file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existed = out.exists()
+        with out.open("a", encoding="utf-8"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as e:
+        raise EvalError(f"--out {out} cannot be written: {e.strerror or e}") from None
 
 
 def render_table(report: dict[str, Any]) -> str:

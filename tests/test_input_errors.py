@@ -58,3 +58,13 @@ def test_secrets_are_never_taken_in_a_flag(flags, message, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert message in err and "sk-abc" not in err
     assert not (out / "config.json").exists()
+
+
+def test_eval_checks_its_report_path_before_computing(tmp_path, capsys, monkeypatch):
+    import exgrpo.evaluate as ev
+    monkeypatch.setattr(ev, "load_chat_model", lambda *a, **k: pytest.fail("computed before checking --out"))
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path, "is a folder; give the report's file name"),
+                         (tmp_path / "afile" / "r.json", "cannot be written")):
+        assert cli_main(["eval", "--model", str(tmp_path), "--out", str(out), "--n", "2"]) == 2
+        assert message in capsys.readouterr().err
