@@ -305,23 +305,28 @@ run_pipeline([(get_task("gsm8k"), e) for e in exs], LLMTeacher(b, rules), rules,
 """
 
 
-def test_sigkill_mid_run_then_resume_loses_nothing_and_duplicates_nothing(server, tmp_path):
-    STATE.delay = 0.01
+def _sigkill_child_when(script, server, tmp_path, path, lines):
+    """Run `script` (a pipeline over HTTP) in a child and SIGKILL it once `path` holds `lines` lines."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, server, str(tmp_path)], env=env, cwd=REPO,
+    child = subprocess.Popen([sys.executable, "-c", script, server, str(tmp_path)], env=env, cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log = tmp_path / LOG_FILE
     deadline = time.monotonic() + 30
     try:
         while time.monotonic() < deadline and child.poll() is None:
-            if log.exists() and log.read_bytes().count(b"\n") >= 40:
+            if path.exists() and path.read_bytes().count(b"\n") >= lines:
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         assert child.poll() is None, f"child ended early: {child.stderr.read().decode()[-2000:]}"
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.wait(timeout=10)
     assert child.returncode == -signal.SIGKILL
+
+
+def test_sigkill_mid_run_then_resume_loses_nothing_and_duplicates_nothing(server, tmp_path):
+    STATE.delay = 0.01
+    log = tmp_path / LOG_FILE
+    _sigkill_child_when(_CHILD, server, tmp_path, log, 40)
     done_before = log.read_bytes().count(b"\n")
     assert 40 <= done_before < 300
     with open(log, "ab") as f:            # what a kill in the middle of a write leaves behind
@@ -356,21 +361,8 @@ def test_sigkill_during_the_rationale_stage_then_resume_loses_nothing_and_duplic
     """Half the questions never get a correct R_T (3 attempts each, then dropped), and R_T requests are slow, so
     the kill lands while R_T attempts are being made. The resumed run makes exactly the attempts not yet logged."""
     STATE.solve_delay = 0.15
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.Popen([sys.executable, "-c", _CHILD_RT, server, str(tmp_path)], env=env, cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     rlog = tmp_path / RATIONALE_FILE
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline and child.poll() is None:
-            if rlog.exists() and rlog.read_bytes().count(b"\n") >= 10:
-                break
-            time.sleep(0.01)
-        assert child.poll() is None, f"child ended early: {child.stderr.read().decode()[-2000:]}"
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.wait(timeout=10)
-    assert child.returncode == -signal.SIGKILL
+    _sigkill_child_when(_CHILD_RT, server, tmp_path, rlog, 10)
     before = _jsonl(rlog)
     assert 10 <= len(before) < 8 * 3 + 8                     # killed in the middle of the R_T stage
     with open(rlog, "ab") as f:                              # a write cut short by the kill
