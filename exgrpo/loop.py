@@ -19,14 +19,10 @@ reference policy, optimizer, resume, config and metrics in the run folder), the 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +30,10 @@ import torch
 
 from exgrpo import checkpoint, distributed
 from exgrpo.distributed import Dist
+from exgrpo.runlock import lock, release
 
 # ----------------------------------------------------------------------------- the run folder
 
-LOCK = ".lock"
-_held: dict[Path, int] = {}                 # run folder -> the descriptor whose flock this process holds
 _RUN_OUTPUTS = ("ckpt-*", ".tmp-ckpt-*", "latest", ".latest.tmp", "metrics.jsonl", "export", "export.tmp",
                 "curves.png")
 
@@ -74,7 +69,7 @@ def claim(cfg, d: Dist) -> Path:
             probe.unlink()
         except OSError as e:
             raise ValueError(f"--out {run} is not writable: {e.strerror or e}") from None
-        _lock(run)
+        lock(run)
         found = _previous_run(run)
         if cfg.resume and found and not checkpoint.checkpoints(run):
             raise ValueError(f"--resume: {run} holds {', '.join(found)} but no checkpoint to continue from; "
@@ -92,36 +87,6 @@ def claim(cfg, d: Dist) -> Path:
             print(f"--overwrite: deleted the earlier run in {run} ({', '.join(found)})")
     distributed.barrier(d)
     return run
-
-
-def _lock(run: Path) -> None:
-    import fcntl
-    key = run.resolve()
-    if key in _held:                        # this process's own earlier run into the folder (tests, the demo)
-        os.close(_held.pop(key))
-    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 4096).decode("utf-8", "replace").strip()
-        os.close(fd)
-        try:
-            h = json.loads(holder)
-            who = f"pid {h['pid']} on {h['host']}, `{h['command']}`, since {h['since']}"
-        except (ValueError, KeyError, TypeError):
-            who = "another process"
-        raise ValueError(f"{run} is in use by another run ({who}); wait for it to finish or stop it") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3]),
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-    _held[key] = fd
-
-
-def release(run: Path) -> None:
-    """Give the run folder's lock back (the end of a run; a crash gives it back by exiting)."""
-    fd = _held.pop(Path(run).resolve(), None)
-    if fd is not None:
-        os.close(fd)
 
 
 def load_student(cfg, d: Dist, dev):

@@ -212,7 +212,8 @@ def test_math_answer_span_stops_at_the_math(text, want):
 
 # What counts as the same MATH answer (README "What counts as the same answer").
 MATH_SAME = [
-    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "\\frac34"), ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "\\frac34"),
+    ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
     ("x=5", "5"), ("10\\%", "10"), ("5\\text{ cm}", "5"), ("30^\\circ", "30"), ("\\{1,2\\}", "\\{2,1\\}"),
     ("[1,2)", "[1, 2)"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\text{Evelyn}", "Evelyn"), ("p - q", "-q + p"),
 ]

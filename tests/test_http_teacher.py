@@ -293,6 +293,17 @@ def test_server_going_down_stops_the_run_and_keeps_work_then_resume(server, tmp_
     assert all(r["verdict"] == "kept" for r in qs)
 
 
+def test_the_same_model_at_another_address_reuses_the_work(server, tmp_path):
+    exs = _examples(3)
+    run_pipeline([(GSM, e) for e in exs], LLMTeacher(_backend(server), RULES), RULES, tmp_path, workers=4)
+    made = STATE.total
+    other = server.replace("127.0.0.1", "localhost")          # the same server, another base URL
+    res = run_pipeline([(GSM, e) for e in exs], LLMTeacher(_backend(other), RULES), RULES, tmp_path, workers=4)
+    assert STATE.total == made and res.units_done == 0 and res.questions_written == 0
+    qs = [json.loads(x) for x in (tmp_path / SET_FILE).read_text().splitlines()]
+    assert len(qs) == len({q["example_id"] for q in qs}) == 3
+
+
 _CHILD = """
 import sys
 from exgrpo.probes import HTTPBackend, HTTPSettings, LLMTeacher, load_rules, run_pipeline

@@ -105,8 +105,8 @@ def test_a_finished_run_is_not_overwritten_by_accident(tiny_student, probe_dir, 
 HOLD = textwrap.dedent('''
     import sys, time
     from pathlib import Path
-    from exgrpo import loop
-    loop._lock(Path(sys.argv[1]))
+    from exgrpo import runlock
+    runlock.lock(Path(sys.argv[1]))
     print("locked", flush=True)
     time.sleep(120)
 ''')
@@ -157,3 +157,18 @@ def test_sigterm_saves_the_finished_steps_and_the_resume_is_bit_identical(uninte
         wb = weights(train(small_train(tiny_student, probe_dir, run, **KW, resume=True)))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
         assert _strip(run) == _strip(a)
+
+
+def test_two_probe_runs_cannot_share_a_folder(tmp_path, capsys):
+    out = tmp_path / "p"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        assert cli_main(["probe", "--synthetic-n", "2", "--out", str(out), "--no-progress"]) == 2
+        assert f"is in use by another run (pid {p.pid}" in capsys.readouterr().err
+        assert not (out / "probe_set.jsonl").exists()
+    finally:
+        p.kill()
+        p.wait()
+    assert cli_main(["probe", "--synthetic-n", "2", "--out", str(out), "--no-progress"]) == 0

@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from exgrpo.probes.pipeline import FilterSettings, RationaleSettings, run_pipeline
     from exgrpo.probes.rules import load_rules
     from exgrpo.probes.summary import render, summarize
+    from exgrpo.runlock import lock
     from exgrpo.tasks.loaders import DatasetError
 
     try:
@@ -163,7 +164,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {len(skipped)} malformed dataset record(s)", file=sys.stderr)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; the probe set needs a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        lock(out)                                   # one `exgrpo probe` per folder: a second would double records
+    except (ValueError, OSError) as e:
+        print(f"exgrpo probe: {e}", file=sys.stderr)
+        return 2
     save_config(cfg, out / "config.json")
 
     bar = None

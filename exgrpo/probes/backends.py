@@ -79,9 +79,11 @@ class HTTPBackend:
                              f"{s.max_concurrency}")
         self.s = s
         self.url = s.base_url.rstrip("/") + "/chat/completions"
-        self.fingerprint = json.dumps({"backend": "http", "url": s.base_url.rstrip("/"), "model": s.model,
-                                       "temperature": s.temperature, "max_tokens": s.max_tokens,
-                                       "seed": s.seed}, sort_keys=True)
+        # The teacher is its model and sampling settings, not where it is served: the same model behind another
+        # port or host reuses the work done (the resume keys hold this), and does not append a second record
+        # for every question.
+        self.fingerprint = json.dumps({"backend": "http", "model": s.model, "temperature": s.temperature,
+                                       "max_tokens": s.max_tokens, "seed": s.seed}, sort_keys=True)
         self._slots = threading.BoundedSemaphore(max(1, s.max_concurrency))
         self._sleep = sleep
 
