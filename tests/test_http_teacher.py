@@ -41,6 +41,7 @@ class State:
         self.total = 0
         self.down_after = None    # answer 503 to every request after this many
         self.delay = 0.0
+        self.flaky = False        # "[FLAKY]" probe writes get an HTML page while this is set
         self.solve_delay = 0.0    # extra seconds on every R_T request (teacher.solve)
         self.requests = []        # (kind, the messages) of every chat completion answered
 
@@ -139,6 +140,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(400, {"error": "context too long"})
         if "[AUTH]" in text:
             return self._send(401, {"error": "bad key"})
+        if "[FLAKY]" in text and STATE.flaky and req["messages"][0]["role"] == "system":
+            return self._send(200, b"<html>maintenance</html>", "text/html")
         if "[MALFORMED]" in text and req["messages"][0]["role"] == "system":
             return self._send(200, b"<html>oops</html>", "text/html")
         content = _teacher_reply(req["messages"])
@@ -291,6 +294,36 @@ def test_server_going_down_stops_the_run_and_keeps_work_then_resume(server, tmp_
     qs = [json.loads(x) for x in (tmp_path / SET_FILE).read_text().splitlines()]
     assert sorted(r["example_id"] for r in qs) == sorted(e.id for e in exs)
     assert all(r["verdict"] == "kept" for r in qs)
+
+
+def test_failed_probes_are_retried_on_the_next_run_up_to_a_count(server, tmp_path):
+    from exgrpo.dialogues import load_probe_set
+    exs = _examples(2) + [Example("f", "gsm8k", "What is 2 + 2? [FLAKY]", "4")]
+    teacher = LLMTeacher(_backend(server), RULES)
+    STATE.flaky = True                                         # the server serves an error page for a while
+    run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4)
+    first = {r["example_id"]: r for r in _jsonl(tmp_path / SET_FILE)}
+    assert first["f"]["n_generated"] == 0 and first["f"]["verdict"] == "no_probes"
+    STATE.flaky = False
+    n = STATE.total
+    res = run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4, retry_failed=1)
+    assert res.units_done == 10 and res.questions_written == 1       # only f's failed probes, asked again
+    assert STATE.total - n == 3 * 10                                 # write, answer, recheck per probe
+    logged = {r["key"]: r for r in _jsonl(tmp_path / LOG_FILE)}       # the later line stands for the key
+    assert all(r["status"] == "ok" for r in logged.values()) and len(logged) == 30
+    items = {it.example.id: it for it in load_probe_set(tmp_path)}
+    assert len(items["f"].probes) == 10                              # the rewritten record is what trains
+    n = STATE.total
+    res = run_pipeline([(GSM, e) for e in exs], teacher, RULES, tmp_path, workers=4, retry_failed=1)
+    assert STATE.total == n and res.units_done == 0                 # done: nothing asked again
+    # a count reached: not retried however often the run is repeated
+    STATE.flaky = True
+    other = tmp_path / "o"
+    for _ in range(3):
+        run_pipeline([(GSM, exs[2])], teacher, RULES, other, workers=4, retry_failed=1)
+    tries = {r["tries"] if "tries" in r else 1 for r in _jsonl(other / LOG_FILE)}
+    assert max(tries) == 2 and len({r["key"] for r in _jsonl(other / LOG_FILE)}) == 10
+    STATE.flaky = False
 
 
 def test_the_same_model_at_another_address_reuses_the_work(server, tmp_path):

@@ -260,11 +260,11 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     data.write_text('{"question": "1+1?", "answer": "#### 2"}\nnot json\n')
     assert cli_main(["probe", "--task", "gsm8k", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "g.jsonl:2: GSM8K record: invalid JSON" in capsys.readouterr().err
-    # skip-and-count: the oracle cannot handle GSM8K, so the probe fails, recorded with its reason
+    # skip-and-count: the oracle cannot handle GSM8K, so every call fails (exit 4), recorded with its reason
     rc = cli_main(["probe", "--task", "gsm8k", "--data", str(data), "--skip-bad-lines", "--no-progress",
                    "--out", str(tmp_path / "o")])
     captured = capsys.readouterr()
-    assert rc == 0 and "skipped 1 malformed dataset record" in captured.err
+    assert rc == 4 and "skipped 1 malformed dataset record" in captured.err
     assert "synthetic oracle cannot handle" in captured.out
 
 

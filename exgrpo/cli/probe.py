@@ -52,6 +52,7 @@ class ProbeConfig:
     concurrency: int = 8                  # requests in flight
     timeout_s: float = 120.0
     max_retries: int = 5
+    retry_failed: int = 2                 # a probe whose teacher reply failed is asked again on later runs, this often
     backoff_s: float = 1.0
     temperature: float = 0.0
     max_tokens: int = 1024
@@ -148,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(ProbeConfig, args, table="probe")
         rationale = RationaleSettings(cfg.rationale, cfg.rationale_tries)
         rationale.check()
+        if cfg.retry_failed < 0:
+            raise ValueError(f"--retry-failed must be >= 0, got {cfg.retry_failed}")
         rules = load_rules(cfg.rules_file).select(cfg.rules.split(",") if cfg.rules else None)
         items, skipped = build_items(cfg)
         teacher = build_teacher(cfg, rules)
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = run_pipeline(items, teacher, rules, out, student=student,
                            filters=FilterSettings(cfg.tau_hard, cfg.hard_direction, cfg.drop_too_easy),
-                           rationale=rationale, workers=cfg.concurrency,
+                           rationale=rationale, retry_failed=cfg.retry_failed, workers=cfg.concurrency,
                            student_batch=max(1, cfg.student_batch_size * 4), fsync=cfg.fsync,
                            on_total=on_total, on_progress=on_progress)
     finally:

@@ -325,11 +325,13 @@ def replay_rationale(p: _Pending, rs: RationaleSettings, rlog: JsonlStore, tfp: 
 
 def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules: RuleSet, out_dir: str | Path,
                  *, student: Student | None = None, filters: FilterSettings = FilterSettings(),
-                 rationale: RationaleSettings = RationaleSettings(),
+                 rationale: RationaleSettings = RationaleSettings(), retry_failed: int = 2,
                  workers: int = 8, student_batch: int = 64, fsync: bool = False,
                  on_total: Callable[[int], None] | None = None,
                  on_progress: Callable[[int], None] | None = None) -> RunResult:
-    """Run (or resume) Stage 1 over `items`; see the module docstring for the files written.
+    """Run (or resume) Stage 1 over `items`; see the module docstring for the files written. A probe whose
+    teacher calls failed (a broken reply, an error page, no choices) is tried again on later runs until it has
+    failed `retry_failed` + 1 times; its question's record is then written again.
     `on_total` gets the number of probes left to compute, again whenever it changes (a question's
     R_T settles, or it is dropped); `on_progress` gets 1 per probe computed."""
     rationale.check()
@@ -343,10 +345,17 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
     tfp = teacher.fingerprint
     n_rules = len(rules.rules)
 
+    if retry_failed < 0:
+        raise ValueError(f"retry_failed must be >= 0, got {retry_failed}")
+
+    def retry(k: str) -> bool:
+        rec = log.records.get(k)
+        return rec is None or (rec["status"] != "ok" and rec.get("tries", 1) <= retry_failed)
+
     def plan_units(p: _Pending) -> None:
-        """p's R_T is settled: the probes still to compute."""
+        """p's R_T is settled: the probes still to compute (never done, or failed and still to be retried)."""
         keys = p.unit_keys(rules, tfp)
-        p.rules = [r for r, k in zip(rules.rules, keys) if k not in log.records]
+        p.rules = [r for r, k in zip(rules.rules, keys) if retry(k)]
         p.remaining = len(p.rules)
         res.units_skipped += n_rules - len(p.rules)
 
@@ -358,7 +367,7 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
         p = _Pending(task, ex, question_key(ex, rules, tfp, student_fp, filters, rationale))
         replay_rationale(p, rationale, rlog, tfp)
         order.append(p)
-        if p.qkey in qset.records:
+        if p.qkey in qset.records and not (p.rt.text is not None and any(map(retry, p.unit_keys(rules, tfp)))):
             res.questions_skipped += 1
             continue
         res.rationale_attempts_skipped += len(p.rt.attempts)
@@ -445,7 +454,10 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
                 if kind == "rationale":
                     attempt_done(p, value)
                     continue
-                log.append(value)
+                before = log.records.get(value["key"])
+                if before is not None:                      # a retry of a failed probe: it replaces that record
+                    value["tries"] = before.get("tries", 1) + 1
+                log.append(value, replace=before is not None)
                 res.units_done += 1
                 if on_progress:
                     on_progress(1)
@@ -491,5 +503,5 @@ def _finish(batch: list[_Pending], log: JsonlStore, qset: JsonlStore, rules: Rul
     for p in batch:
         rec = question_record(p.ex, p.qkey, units[id(p)], tfp, student_fp, f, texts, rules=rules,
                               rationale=p.rt, rationale_settings=rs)
-        if qset.append(rec):
+        if qset.append(rec, replace=True):                 # replace: a question whose failed probes were retried
             res.questions_written += 1

@@ -23,13 +23,14 @@ class JsonlStore:
     path: Path
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> first record with it
     dropped_torn_line: bool = False
-    duplicates: int = 0       # repeated keys found on load (kept: the first)
+    duplicates: int = 0       # repeated keys found on load (kept: the last, which replaced the others)
     fsync: bool = False       # also survive power loss, at the cost of one disk sync per record
 
-    def append(self, record: dict[str, Any]) -> bool:
-        """Write a record unless its key is already stored; True if written."""
+    def append(self, record: dict[str, Any], *, replace: bool = False) -> bool:
+        """Write a record unless its key is already stored (or, with `replace`, write it to stand for that
+        key from now on: the later line wins when the file is read again); True if written."""
         key = record["key"]
-        if key in self.records:
+        if key in self.records and not replace:
             return False
         line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -84,8 +85,7 @@ def open_store(path: str | Path, fsync: bool = False) -> JsonlStore:
             end += 1
         if rec["key"] in store.records:
             store.duplicates += 1
-        else:
-            store.records[rec["key"]] = rec
+        store.records[rec["key"]] = rec
         good_end = end
         pos = end
     if store.dropped_torn_line:
