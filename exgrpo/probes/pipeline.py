@@ -14,6 +14,9 @@ Three append-only files in the output folder:
 A killed run loses only the calls in flight. A re-run with the same settings skips every key already
 present, so it neither repeats work nor writes duplicates: logged R_T attempts are replayed in order
 (the first correct one is the R_T, so a resumed question sees the same R_T and the same probe keys).
+The one exception is a probe whose teacher calls failed: it is asked again on later runs (up to
+`retry_failed` more times), its new record standing for the key (a store's later line wins), and its
+question's record written again.
 """
 from __future__ import annotations
 
