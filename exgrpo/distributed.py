@@ -64,6 +64,15 @@ def all_sum(values: list[float], d: Dist, device) -> list[float]:
     return t.tolist()
 
 
+def from_main(value, d: Dist):
+    """Rank 0's `value` (any picklable object) on every rank: a decision one rank makes for all."""
+    if not d.on:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(d: Dist) -> None:
     if d.on:
         dist.barrier()

@@ -55,38 +55,48 @@ def claim(cfg, d: Dist) -> Path:
     """Make `cfg.out` this run's before anything loads: a folder (not a file), writable, locked for the run's
     life (flock: released by the OS on any exit, so a crashed run leaves no stale lock; a second run into it
     fails at once naming the holder), and, without --resume, free of an earlier run unless --overwrite says
-    to delete it. Rank 0 does the file work; the others wait for it."""
+    to delete it. Rank 0 does the file work and every rank gets its verdict (no rank waits on one that failed)."""
     run = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it over")
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run} is a file; the run needs a folder")
-    if d.main:
+    why = None
+    if d.main:                                  # the file work on rank 0; its verdict reaches every rank
         try:
-            run.mkdir(parents=True, exist_ok=True)
-            probe = run / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ValueError(f"--out {run} is not writable: {e.strerror or e}") from None
-        lock(run)
-        found = _previous_run(run)
-        if cfg.resume and found and not checkpoint.checkpoints(run):
-            raise ValueError(f"--resume: {run} holds {', '.join(found)} but no checkpoint to continue from; "
-                             "start it over with --overwrite")
-        if found and not cfg.resume:
-            if not cfg.overwrite:
-                raise ValueError(f"{run} already holds a run ({', '.join(found)}); continue it with --resume, or "
-                                 "pass --overwrite to start over (its checkpoints, metrics and export are deleted)")
-            for pattern in _RUN_OUTPUTS:
-                for p in run.glob(pattern):
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    else:
-                        p.unlink()
-            print(f"--overwrite: deleted the earlier run in {run} ({', '.join(found)})")
-    distributed.barrier(d)
+            _claim_on_main(run, cfg)
+        except ValueError as e:
+            why = str(e)
+    why = distributed.from_main(why, d)
+    if why is not None:
+        raise ValueError(why)
     return run
+
+
+def _claim_on_main(run: Path, cfg) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {run} is not writable: {e.strerror or e}") from None
+    lock(run)
+    found = _previous_run(run)
+    if cfg.resume and found and not checkpoint.checkpoints(run):
+        raise ValueError(f"--resume: {run} holds {', '.join(found)} but no checkpoint to continue from; "
+                         "start it over with --overwrite")
+    if found and not cfg.resume:
+        if not cfg.overwrite:
+            raise ValueError(f"{run} already holds a run ({', '.join(found)}); continue it with --resume, or "
+                             "pass --overwrite to start over (its checkpoints, metrics and export are deleted)")
+        for pattern in _RUN_OUTPUTS:
+            for p in run.glob(pattern):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        print(f"--overwrite: deleted the earlier run in {run} ({', '.join(found)})")
 
 
 def load_student(cfg, d: Dist, dev):

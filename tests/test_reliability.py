@@ -147,12 +147,16 @@ def test_sigterm_saves_the_finished_steps_and_the_resume_is_bit_identical(uninte
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
         time.sleep(0.05)
+    time.sleep(0.3)                                           # past step 1's end (its line and its count)
     p.send_signal(signal.SIGTERM)                             # inside step 2 (or 3)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 143, out
     assert "interrupted (SIGTERM)" in out and "checkpoint saved at step" in out
-    done = len((run / "metrics.jsonl").read_text().splitlines())
-    assert checkpoint.latest(run).name == f"ckpt-{done:06d}"
+    logged = len((run / "metrics.jsonl").read_text().splitlines())
+    done = checkpoint.step_of(checkpoint.latest(run))
+    # every finished step is saved; a step whose metrics line was written just before the signal, but which had
+    # not yet counted itself done, is redone on resume (its line is cut back then)
+    assert done in (logged, logged - 1) and done >= 1, (done, logged, out[-2000:])
     if done < 3:
         wb = weights(train(small_train(tiny_student, probe_dir, run, **KW, resume=True)))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
