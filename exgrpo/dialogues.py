@@ -99,9 +99,18 @@ def _item(rec: dict, where: str, kept_only: bool) -> ProbeItem:
                 f"{where}: probe {q.get('rule')!r} of question {rec['example'].get('id')!r} has no 'prompt' (the exact "
                 "probe turn the teacher answered and filter 2's student saw): the probe set was written by an older "
                 "`exgrpo probe`; run the same `exgrpo probe` command again to rewrite it")
+        missing = [k for k in ("rule", "probe", "response", "probe_answer") if q.get(k) in (None, "")]
+        if missing:
+            raise DialogueError(f"{where}: kept probe {q.get('rule')!r} of question {rec['example'].get('id')!r} "
+                                f"has no {', '.join(missing)}: the record is incomplete (edited by hand, or "
+                                "written by another tool); fix it or run `exgrpo probe` again")
         probes.append(Probe(q["rule"], q["prompt"], q["response"], str(q["probe_answer"])))
-    return ProbeItem(Example.from_dict(rec["example"]), tuple(probes), rec.get("rationale"),
-                     rec.get("rationale_source"))
+    try:
+        ex = Example.from_dict(rec["example"])
+    except KeyError as e:
+        raise DialogueError(f"{where}: the question's 'example' has no {e.args[0]!r} (it has "
+                            f"{', '.join(rec['example'])})") from None
+    return ProbeItem(ex, tuple(probes), rec.get("rationale"), rec.get("rationale_source"))
 
 
 def _natural(s: str) -> tuple:

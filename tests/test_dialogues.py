@@ -215,3 +215,21 @@ def test_a_probe_set_without_probe_prompts_is_refused_with_the_fix(tmp_path):
     (tmp_path / "probe_set.jsonl").write_text('{"kept": true}\n')
     with pytest.raises(DialogueError, match=r"probe_set.jsonl:1: not a probe-set record"):
         load_probe_set(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["probe_answer", "response", "probe"])
+def test_an_incomplete_kept_probe_is_named(field, tmp_path):
+    bad = _probe()
+    bad[field] = None
+    _write(tmp_path / "probe_set.jsonl", [_record("q-1", "R_T", probes=[bad])])
+    with pytest.raises(DialogueError, match=rf"probe_set.jsonl:1: kept probe 'why' of question 'q-1' has no {field}: "
+                                            "the record is incomplete"):
+        load_probe_set(tmp_path)
+
+
+def test_an_example_without_its_fields_is_named(tmp_path):
+    rec = _record("q-1", "R_T")
+    del rec["example"]["answer"]
+    _write(tmp_path / "probe_set.jsonl", [rec])
+    with pytest.raises(DialogueError, match=r"probe_set.jsonl:1: the question's 'example' has no 'answer' \(it has id"):
+        load_probe_set(tmp_path)
