@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,8 @@ class Run:
     log: object | None                  # MetricsLog on rank 0
     done: int = 0                       # steps finished
     saved: int = 0                      # steps checkpointed
+    dirty: bool = False                 # an optimizer update ran since the last step ended
+    stop: str | None = None             # a stop signal arrived: stop when this step ends
 
     def steps(self, desc: str):
         from tqdm import tqdm
@@ -161,7 +164,14 @@ class Run:
     def end_step(self, step: int, rec: dict, upd) -> None:
         """Log the step; an applied update resets the count of non-finite updates in a row, a skipped one adds
         to it (max_bad_steps in a row stop the run with the last good checkpoint); a step that ends without
-        a skip is checkpointed on the cadence. `upd`: the step's exgrpo.step.Update."""
+        a skip is checkpointed on the cadence. `upd`: the step's exgrpo.step.Update. A stop signal that
+        arrived during the step (see saving_on_interrupt) takes effect here, where the state is whole."""
+        self._end_step(step, rec, upd)
+        self.dirty = False
+        if self.stop is not None:
+            raise Terminated(self.stop) if self.stop == "SIGTERM" else KeyboardInterrupt(self.stop)
+
+    def _end_step(self, step: int, rec: dict, upd) -> None:
         if upd.applied:
             self.bad_streak = 0
         if upd.skipped:
@@ -180,14 +190,21 @@ class Run:
 
     @contextlib.contextmanager
     def saving_on_interrupt(self):
-        """Ctrl-C or SIGTERM (what schedulers send): nothing finished is lost (the steps since the last
-        checkpoint are saved), then the interrupt goes on."""
+        """Ctrl-C or SIGTERM (what schedulers send): nothing finished is lost. The first signal lets the step
+        in progress finish (a checkpoint taken inside an optimizer update would hold weights between two
+        steps); at its end the finished steps are saved and the interrupt goes on. A second signal stops at
+        once, saving only if no update has run since the last step ended."""
         try:
-            with _sigterm_as_interrupt():
+            with _stop_at_step_end(self):
                 yield
         except KeyboardInterrupt:
-            checkpoint.save_on_interrupt(self.dir, self.done, self.saved, self.policy, self.opt, self.sched,
-                                         self.bad_streak, keep=self.cfg.keep_checkpoints, d=self.d)
+            if self.dirty:
+                if self.d.main:
+                    print(f"interrupted inside an optimizer update: not saved (the weights are between two steps); "
+                          f"the newest checkpoint is step {self.saved}", file=sys.stderr)
+            else:
+                checkpoint.save_on_interrupt(self.dir, self.done, self.saved, self.policy, self.opt, self.sched,
+                                             self.bad_streak, keep=self.cfg.keep_checkpoints, d=self.d)
             raise
 
     def export(self) -> Path:
@@ -206,23 +223,31 @@ class Run:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the loop is so that it saves like Ctrl-C."""
+    """SIGTERM, raised at the end of the step so that the run saves like Ctrl-C."""
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    if threading.current_thread() is not threading.main_thread():
+def _stop_at_step_end(run: Run):
+    """SIGINT and SIGTERM set `run.stop` (end_step raises it); a second one raises at once. Single process on
+    the main thread only: under torchrun each rank would stop at its own step boundary and leave the others
+    in a collective, so there the signals keep their usual effect."""
+    if run.d.on or threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_term(signum, frame):
-        raise Terminated("SIGTERM")
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if run.stop is not None:
+            raise Terminated(name) if signum == signal.SIGTERM else KeyboardInterrupt(name)
+        run.stop = name
+        print(f"{name}: stopping at the end of this step (send it again to stop now)", file=sys.stderr, flush=True)
 
-    before = signal.signal(signal.SIGTERM, on_term)
+    before = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def start(cfg, d: Dist, dev, policy, tok, *, total_steps: int) -> Run:
@@ -246,4 +271,6 @@ def start(cfg, d: Dist, dev, policy, tok, *, total_steps: int) -> Run:
     if d.main:
         save_config(cfg, run / "config.json")
         log = MetricsLog(run, resume_step=first)
-    return Run(cfg, d, dev, run, tok, policy, opt, sched, total_steps, first, bad_streak, log, done=first, saved=first)
+    r = Run(cfg, d, dev, run, tok, policy, opt, sched, total_steps, first, bad_streak, log, done=first, saved=first)
+    opt.register_step_pre_hook(lambda *_: setattr(r, "dirty", True))
+    return r
