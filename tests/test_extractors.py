@@ -103,6 +103,7 @@ def test_last_boxed_nested_braces():
     assert answers.last_boxed("a \\boxed{\\frac{\\sqrt{3}}{2}} b") == "\\frac{\\sqrt{3}}{2}"
     assert answers.last_boxed("\\fbox{7}") == "7"
     assert answers.last_boxed("\\boxed 5.") == "5"
+    assert answers.last_boxed("\\boxed 5. Then the set {1, 2} ...") == "5"      # not the next brace
 
 
 @pytest.mark.parametrize("pred,gold,eq", [
@@ -166,6 +167,20 @@ LETTER_PHRASINGS = [
     ("(C)", "C"),
     ("The answer is (A). Wait, re-reading the question, the answer is (C).", "C"),   # the last statement wins
     ("Answer: (b)", "B"),
+    ("The answer is (B)", "B"),
+    ("The answer is B.", "B"),
+    ("**Answer**: B", "B"),                                  # markdown bold around the phrase
+    ("**Answer:** (B) bank", "B"),
+    ("The answer is option B.", "B"),
+    ("The answer is choice (B).", "B"),
+    ("Therefore, B is the correct answer.", "B"),            # the letter first
+    ("(B) is correct, but (A) is not.", "B"),
+    ("So the answer is (A). Hmm, no: D is the best choice.", "D"),   # a later statement of another kind wins
+    ("\\boxed{B}", "B"),                                     # a boxed letter, as R1-style models write it
+    ("The answer is $\\boxed{\\text{(B)}}$.", "B"),
+    ("\\boxed{B: bank}", "B"),
+    ("B", "B"),
+    ("(B)", "B"),
 ]
 LETTER_REFUSED = [
     "Because the door revolves, it keeps people out.",     # B inside a word
@@ -173,6 +188,9 @@ LETTER_REFUSED = [
     "The answer is a bit unclear to me.",                  # a lower-case word, not a letter
     "The best option is F: none of them.",                 # F is not an option of a 5-option question
     "I think it depends.",
+    "The answer is \\boxed{F}.",                             # boxed, but not an option
+    "A is a good guess, but I am unsure.",                   # "A is", not "A is the correct"
+    "Because of that, (F) and **F** are both out.",          # F in every form, none an option
 ]
 
 
@@ -187,14 +205,18 @@ def test_letter_phrasings_that_are_refused(text):
 
 
 @pytest.mark.parametrize("text,want", [
-    ("The answer is yes.", "yes"), ("**Yes**", "yes"), ("Answer: No", "no"), ("So, no.", "no")])
+    ("The answer is yes.", "yes"), ("**Yes**", "yes"), ("Answer: No", "no"), ("So, no.", "no"),
+    ("**Answer:** Yes", "yes"), ("**Answer**: No", "no"), ("The answer is \\boxed{yes}.", "yes"),
+    ("No, because ... Answer: yes", "yes")])
 def test_yes_no_phrasings(text, want):
     assert answers.extract_yes_no(text) == want
 
 
 @pytest.mark.parametrize("text,want", [
     ("The answer is $18$.", "18"), ("The answer is 1,234.", "1234"), ("$\\boxed{18}$", "18"),
-    ("She sells 9 eggs, 9 * 2 = 18.\n#### 18", "18"), ("#### 1,072\nThat is all.", "1072")])
+    ("She sells 9 eggs, 9 * 2 = 18.\n#### 18", "18"), ("#### 1,072\nThat is all.", "1072"),
+    ("\\boxed{18}", "18"), ("The answer is \\boxed{18}.", "18"), ("**Answer**: 18 (not 20)", "18"),
+    ("**Final Answer:** $18$", "18"), ("The answer is **18**.", "18"), ("I got 20 first. #### 18", "18")])
 def test_number_phrasings(text, want):
     assert answers.extract_number(text) == want
 
@@ -205,6 +227,13 @@ def test_number_phrasings(text, want):
     ("Final Answer: The final answer is $p - q$. I hope it is correct.", "p-q"),
     ("The answer is \\(\\frac{14}{3}\\).", "\\frac{14}{3}"),
     ("The answer is 5. I hope it is correct.", "5"),
+    ("**Final Answer**: $\\frac{1}{2}$", "\\frac{1}{2}"),
+    ("The answer is **5**.", "5"),
+    ("The answer is $2 \\pi r$.", "2\\pi r"),                # "\\pi r" stays two tokens, not "\\pir"
+    ("\\boxed{12\\text{ inches}}", "12"),                    # a unit after a number
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),  # row ends kept
+    ("\\boxed{\\left\\{ 1, 2 \\right\\}}", "\\{1,2\\}"),
+    ("\\boxed{a \\rightarrow b}", "a\\rightarrow b"),       # \\right removed, not \\rightarrow
 ])
 def test_math_answer_span_stops_at_the_math(text, want):
     assert answers.extract_boxed(text) == want

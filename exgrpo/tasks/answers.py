@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import re
+import threading
 from fractions import Fraction
 
-# "The answer is", "the final answer is:", "Answer:", GSM8K's "#### 18" — the last one in the text counts.
-_ANSWER_IS = re.compile(r"(?:(?:final\s+answer|answer)\s*(?:is\b|:)\s*:?|^\s*####)\s*", re.IGNORECASE | re.MULTILINE)
+# "The answer is", "the final answer is:", "Answer:", "**Answer**:", GSM8K's "#### 18" — the last one in the
+# text counts. Markdown bold around the phrase ("**Answer:** 18", "**Final Answer**: 18") is part of it.
+_ANSWER_IS = re.compile(r"(?:(?:final\s+answer|answer)[*_]*\s*(?:is\b|:)\s*:?[*_]*|^\s*####)\s*",
+                        re.IGNORECASE | re.MULTILINE)
 
 
 def answer_span(text: str) -> str | None:
@@ -34,10 +38,13 @@ def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched, so that
     `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`. An unclosed box gives None."""
     idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if idx < 0:
-        return None
+    return None if idx < 0 else _boxed_at(text, idx)
+
+
+def _boxed_at(text: str, idx: int) -> str | None:
+    """Content of the `\\boxed`/`\\fbox` that starts at `idx`, or None when its braces are not closed."""
     i = text.find("{", idx)
-    if i < 0:
+    if i < 0 or text[idx:i].strip() not in ("\\boxed", "\\fbox"):
         # "\boxed 5" (no braces) is legal LaTeX for a single token.
         m = re.match(r"\\(?:boxed|fbox)\s+(\S+)", text[idx:])
         return m.group(1).rstrip("$.") if m else None
@@ -54,12 +61,17 @@ def last_boxed(text: str) -> str | None:
 
 # ---------------------------------------------------------------- letters
 
-# Where a letter answer is stated: "answer is", "Answer:", "the best option is", "the correct choice:".
-_LETTER_IS = re.compile(r"(?:answer|option|choice)\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
-# The stated letter: "(B)", "(b)", "**B**", "B", "B)", "b." — an upper-case letter not inside a word (so
+# Where a letter answer is stated: "answer is", "Answer:", "**Answer**:", "the best option is", "the correct choice:".
+_LETTER_IS = re.compile(r"(?:answer|option|choice)[*_]*\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+# The stated letter: "(B)", "(b)", "**B**", "B", "B)", "b.", "option B" — an upper-case letter not inside a word (so
 # "A good option is" and "Because" give nothing), a lower-case one only where it ends the statement ("a bit"
 # gives nothing), or any letter in brackets.
-_STATED = re.compile(r"[*_]*\s*(?:\(\s*([A-Za-z])\s*\)|\b([A-Z])(?![\w'’])|\b([a-z])(?=[.):,;]|\s*$))")
+_STATED = re.compile(r"[*_]*\s*(?:(?i:option|choice)\s+)?[*_]*\s*"
+                     r"(?:\(\s*([A-Za-z])\s*\)|\b([A-Z])(?![\w'’])|\b([a-z])(?=[.):,;]|\s*$))")
+# The letter first: "B is the correct answer", "(C) is correct", "Option D is the best choice".
+_LETTER_FIRST = re.compile(r"(?<![\w(])\(?([A-Z])\)?[*_]*\s+is\s+(?:the\s+)?(?:correct|right|best)\b")
+# A boxed letter: "\boxed{B}", "\boxed{(B)}", "\boxed{\text{B}}", "\boxed{B: bank}".
+_BOXED_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?|\(?([A-Z])\)?(?:[:.)]|\s)\s*\S.*", re.DOTALL)
 
 
 def _stated_letter(span: str, valid: set[str]) -> str | None:
@@ -70,17 +82,44 @@ def _stated_letter(span: str, valid: set[str]) -> str | None:
     return letter if letter in valid else None
 
 
+def _boxed_letter(content: str | None, valid: set[str]) -> str | None:
+    if content is None:
+        return None
+    content = re.sub(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}", r"\1", content).strip()
+    m = _BOXED_LETTER.fullmatch(content)
+    if m is None:
+        return None
+    letter = (m.group(1) or m.group(2)).upper()
+    return letter if letter in valid else None
+
+
+def _letter_statements(text: str, valid: set[str]) -> list[tuple[int, str]]:
+    """Every valid letter the text states as its answer, with where the statement starts."""
+    found = []
+    for m in _LETTER_IS.finditer(text):
+        if (v := _stated_letter(text[m.end():], valid)) is not None:
+            found.append((m.start(), v))
+    for m in _LETTER_FIRST.finditer(text):
+        if m.group(1) in valid:
+            found.append((m.start(), m.group(1)))
+    for m in re.finditer(r"\\(?:boxed|fbox)", text):
+        if (v := _boxed_letter(_boxed_at(text, m.start()), valid)) is not None:
+            found.append((m.start(), v))
+    return found
+
+
 def extract_letter(text: str, letters: str = "ABCDE") -> str | None:
     """The chosen option letter, restricted to `letters`.
 
-    Order of preference: the last statement "The answer is (B)" / "Answer: B" / "the best option is B: bank" /
-    "The answer is **B**"; then the last bold "**B**" or "**(B)**"; then the last "(X)" anywhere; then a last
-    line that starts "B) ..." or "(B) ..."; then a response that is just the letter. Refused: a letter inside
-    a word ("Because"), a capital used as a word ("A good answer ..."), a letter outside `letters`."""
+    Order of preference: the last statement — "The answer is (B)", "Answer: B", "**Answer**: B", "the best option
+    is B: bank", "The answer is **B**", "The answer is option B", "B is the correct answer", "\\boxed{B}"; then the
+    last bold "**B**" or "**(B)**"; then the last "(X)" anywhere; then a last line that starts "B) ..." or
+    "(B) ..."; then a response that is just the letter. Refused: a letter inside a word ("Because"), a capital
+    used as a word ("A good answer ..."), a lower-case word ("the answer is a bit unclear"), a letter outside
+    `letters`."""
     valid = set(letters.upper())
-    for m in reversed(list(_LETTER_IS.finditer(text))):
-        if (v := _stated_letter(text[m.end():], valid)) is not None:
-            return v
+    if statements := _letter_statements(text, valid):
+        return max(statements)[1]
     for pattern in (r"\*\*\s*\(?([A-Za-z])\)?\s*\*\*", r"\(([A-Za-z])\)"):
         for m in reversed(list(re.finditer(pattern, text))):
             if m.group(1).upper() in valid:
@@ -210,32 +249,39 @@ def numbers_equal(pred: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
     a, b = parse_number(pred), parse_number(gold)
     if a is None or b is None:
         return False
-    if a == b:
-        return True
-    return abs(float(a - b)) <= rel_tol * max(1.0, abs(float(b)))
+    return _close(a, b, rel_tol)
 
 
 # ---------------------------------------------------------------- MATH expressions
 
+# A unit written after a number: "5\text{ cm}", "12\,\mbox{inches}", "3\text{ m}^2". MATH's answers add them at
+# will, so, as in Hendrycks et al.'s grader, they are dropped.
+_TRAILING_UNIT = re.compile(r"(?<=[\d}])(?:\s|\\[,;:! ])*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .]*\}"
+                            r"(?:\^\{?[23]\}?)?\s*$")
+# Spaces go, except the one that ends a command before a letter: "\pi r" must not become "\pir".
+_SPACE = re.compile(r"(\\[a-zA-Z]+)\s+(?=[a-zA-Z])|\s+")
+
+
 def normalize_math(s: str) -> str:
     """A light canonical form of a MATH answer, in the spirit of Hendrycks et al.'s `strip_string`:
-    drop spacing commands, \\left/\\right, degrees, dollars, \\text{} wrappers, "x =" prefixes,
-    trailing dots; unify \\dfrac/\\tfrac; remove spaces."""
+    drop spacing commands, \\left/\\right, degrees, dollars, percent signs, units after a number, \\text{}
+    wrappers, "x =" prefixes, trailing dots; unify \\dfrac/\\tfrac; remove spaces (but keep "\\pi r" two tokens)."""
     s = s.strip()
-    s = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\\mbox\{\s*([^{}]*)\}", r"\1", s)
-    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""),
-                 ("^\\circ", ""), ("^{\\circ}", ""), ("\\$", ""), ("$", ""), ("\\dfrac", "\\frac"),
+    s = _TRAILING_UNIT.sub("", s)
+    s = re.sub(r"\\(?:text|mbox)\{\s*([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)
+    s = re.sub(r"(?<!\\)\\[!,; ]", "", s)     # spacing commands, not the "\\" of a matrix row end
+    for a, b in (("^\\circ", ""), ("^{\\circ}", ""), ("\\$", ""), ("$", ""), ("\\dfrac", "\\frac"),
                  ("\\tfrac", "\\frac"), ("\\%", ""), ("%", "")):
         s = s.replace(a, b)
     s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
-    s = s.replace(" ", "").rstrip(".")
+    s = _SPACE.sub(lambda m: f"{m.group(1)} " if m.group(1) else "", s).strip().rstrip(".")
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
     s = re.sub(r"\\sqrt(\w)", r"\\sqrt{\1}", s)
     if re.fullmatch(r"\d+\.0+", s):
         s = s.split(".")[0]
-    if s.startswith("0.") is False and re.fullmatch(r"\.\d+", s):
-        s = "0" + s
+    if re.fullmatch(r"[-+]?\.\d+", s):
+        s = s.replace(".", "0.", 1)
     return s
 
 
@@ -249,11 +295,12 @@ def _span_math(span: str) -> str:
     m = _INLINE_MATH.search(span)
     if m is not None:
         return next(g for g in m.groups() if g is not None).strip()
-    return re.split(r"\.\s+(?=[A-Z])", span, maxsplit=1)[0].strip().rstrip(".").strip()
+    return re.split(r"\.\s+(?=[A-Z])", span, maxsplit=1)[0].strip().rstrip(".").strip("*_ ")
 
 
 def extract_boxed(text: str) -> str | None:
-    """MATH: the last `\\boxed{}` content, else the answer of the last "answer is" span (see _span_math)."""
+    """MATH: the last `\\boxed{}` content anywhere, else the answer of the last "answer is" span (see _span_math:
+    "The answer is $x$.", "Final Answer: The final answer is $x$. I hope it is correct."), normalised."""
     b = last_boxed(text)
     if b is None:
         span = answer_span(text)
@@ -263,43 +310,155 @@ def extract_boxed(text: str) -> str | None:
     return normalize_math(b) or None
 
 
-MAX_VERIFY_CHARS = 300      # longer predictions are compared as strings only (sympy on junk can take long)
+# A MATH answer that is a plain number after normalize_math: "-12", "1,000", "0.75", "3/4", "\frac{3}{4}".
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+|\d+/\d+|\\frac\{[-+]?\d+\}\{\d+\})")
+
+
+def _plain_number(s: str) -> Fraction | None:
+    """The exact value of `s` when it is nothing but a number, else None (so "\\sqrt{2}" or "2\\pi" is not 2)."""
+    return parse_number(s) if _PLAIN_NUMBER.fullmatch(s) else None
+
+
+# A gold answer that is words, not mathematics ("\\text{Evelyn}", "\\text{odd}"): compared ignoring case.
+_TEXT_ANSWER = re.compile(r"\\(?:text|textbf|mbox)\{[^{}]*\}")
+
+MAX_VERIFY_CHARS = 300      # longer predictions are compared as strings only
+MAX_VERIFY_DEPTH = 12       # so are deeper bracket nestings: math-verify's parse time grows fast with depth
+MAX_VERIFY_BITS = 2 ** 21   # and expressions whose exact value would need more bits than this (9^{9^9}, 10^6!)
+MAX_EXPANDED_POWER = 100    # or that raise a sum to a power above this ((x+1)^{1000}): sympy would expand them
 
 
 def math_equal(pred: str | None, gold: str) -> bool:
-    """MATH answers: equal after MATH's usual normalisation (normalize_math), or equivalent as mathematics by
-    math-verify (fractions vs decimals, `\\dfrac` vs `\\frac`, reordered sets, intervals, tuples in order,
-    `x = 5` vs `5`, units and degrees dropped, `2\\sqrt{2}` vs `\\sqrt{8}`)."""
+    """MATH answers: equal after MATH's usual normalisation (normalize_math); else, when both are plain numbers,
+    equal as numbers (relative tolerance 1e-6); else equivalent as mathematics by math-verify (`0.5` vs
+    `\\frac12`, reordered sets, `2\\sqrt{2}` vs `\\sqrt{8}`, `x^2+2x+1` vs `(x+1)^2`; tuples and intervals must
+    match in order and ends). A prediction math-verify would take unbounded time on (see MAX_VERIFY_*) is only
+    compared as a string, so that judging is fast, safe in any thread and the same on every machine."""
     if pred is None:
         return False
     p, g = normalize_math(pred), normalize_math(gold)
-    if p == g:
+    if p == g or (_TEXT_ANSWER.fullmatch(gold.strip()) and p.lower() == g.lower()):
         return True
-    if parse_number(p) is not None and parse_number(g) is not None:
-        return numbers_equal(p, g)
-    if len(pred) > MAX_VERIFY_CHARS:
+    a, b = _plain_number(p), _plain_number(g)
+    if a is not None and b is not None:
+        return _close(a, b)
+    if not p or not g or len(p) > MAX_VERIFY_CHARS or _bracket_depth(p) > MAX_VERIFY_DEPTH:
         return False
-    return _verify(gold.strip(), pred.strip())
+    return _verified(g, p)
 
 
-def _verify(gold: str, pred: str) -> bool:
-    import threading
+def _bracket_depth(s: str) -> int:
+    depth = deepest = 0
+    for c in s:
+        if c in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "})]":
+            depth = max(0, depth - 1)
+    return deepest
 
-    from math_verify import parse, verify
-    # math-verify's time-outs use SIGALRM, which only the main thread may set; elsewhere (the probe pipeline's
-    # worker threads) they are off and the length bound above keeps sympy's work small.
-    t = 5 if threading.current_thread() is threading.main_thread() else None
+
+# math-verify's own time-outs are SIGALRM alarms: only the main thread may set them, they cancel any alarm of the
+# caller's, and what they cut short depends on the machine's speed. They are off here (None; checked on
+# math-verify 0.9.0); the bounds above keep the work small instead. The lock serialises calls into sympy and
+# math-verify's parser, whose caches are not documented as thread-safe (the GIL serialises the work anyway).
+_MATH_VERIFY_LOCK = threading.RLock()
+
+
+@functools.cache
+def _math_verify():
     try:
-        return bool(verify(_parse_gold(gold, t), parse(f"${pred}$", parsing_timeout=t), timeout_seconds=t))
-    except Exception:                    # a parse or comparison error means not shown equal
+        import math_verify
+    except ImportError as e:
+        raise ImportError("judging MATH answers needs the math-verify package: pip install 'math-verify>=0.7'") from e
+    # With time-outs off it warns so once, and it logs every answer it cannot parse: expected here.
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    return math_verify
+
+
+def _verified(gold: str, pred: str) -> bool:
+    """math-verify's verdict on two normalised answers (each wrapped in `$...$`, as it expects); False when
+    either does not parse or is too costly to compare (_too_costly)."""
+    g, p = _parsed(gold), _parsed(pred)
+    if not g or not p or _too_costly(g) or _too_costly(p):
         return False
+    with _MATH_VERIFY_LOCK:
+        try:
+            return bool(_math_verify().verify(list(g), list(p), timeout_seconds=None))
+        except Exception:                  # an error inside sympy means not shown equal
+            return False
 
 
-@functools.lru_cache(maxsize=4096)
-def _parse_gold(gold: str, t: int | None):
-    from math_verify import parse
-    logging.getLogger("math_verify").setLevel(logging.ERROR)     # its "timeout disabled" notice, once per call
-    return parse(f"${gold}$", parsing_timeout=t)
+@functools.lru_cache(maxsize=8192)
+def _parsed(s: str) -> tuple:
+    mv = _math_verify()
+    with _MATH_VERIFY_LOCK:
+        try:
+            return tuple(mv.parse(f"${s}$", parsing_timeout=None))
+        except Exception:
+            return ()
+
+
+def _too_costly(parsed: tuple) -> bool:
+    """Whether verifying would make sympy compute a huge exact number or expand a huge power."""
+    return any(_cost_bits(x) > MAX_VERIFY_BITS for x in parsed if not isinstance(x, str))
+
+
+def _cost_bits(e) -> float:
+    """An upper bound, found without evaluating anything, on the bits of the exact value sympy may compute for `e`
+    (for symbols and sums: a size that grows the same way). Infinite for integrals and limits (unbounded work),
+    huge powers and factorials, and sums or products over more than about a thousand terms."""
+    import sympy
+    if isinstance(e, sympy.MatrixBase):
+        return max((_cost_bits(x) for x in e), default=1.0)
+    if not isinstance(e, sympy.Basic):
+        return 1.0
+    if e.is_Rational:
+        return float(max(abs(e.p).bit_length(), e.q.bit_length(), 1))
+    if e.is_Float:
+        return max(1.0, math.log2(abs(float(e)) + 1.0))
+    if isinstance(e, (sympy.Integral, sympy.Limit)):
+        return math.inf
+    if isinstance(e, (sympy.Sum, sympy.Product)):
+        if any(b.is_number and _cost_bits(b) > 10 for lim in e.limits for b in lim[1:]):
+            return math.inf
+        return 1000 * max(_cost_bits(a) for a in e.args)
+    if e.is_Pow:
+        base, ex = e.args
+        if not ex.is_number:
+            return _cost_bits(base) + _cost_bits(ex)
+        n = _abs_bound(ex)
+        if not base.is_Atom and n > MAX_EXPANDED_POWER:
+            return math.inf
+        return n * _cost_bits(base)
+    if isinstance(e, (sympy.factorial, sympy.factorial2, sympy.subfactorial, sympy.binomial, sympy.gamma,
+                      sympy.RisingFactorial, sympy.FallingFactorial)):
+        n = max(_abs_bound(a) for a in e.args)
+        return n * max(1.0, math.log2(n + 1.0))
+    bits = [_cost_bits(a) for a in e.args]
+    if e.is_Mul:
+        return sum(bits)
+    return max(bits, default=1.0) + (math.log2(len(bits)) if e.is_Add else 0.0)
+
+
+def _abs_bound(e) -> float:
+    """An upper bound on |e| for a number `e` (infinite when it would not fit a float)."""
+    if e.is_Rational or e.is_Float:
+        try:
+            return abs(float(e))
+        except OverflowError:
+            return math.inf
+    if _cost_bits(e) > 1000:
+        return math.inf
+    try:                                   # small enough to evaluate: its value, not the bound
+        return abs(complex(e.evalf(15)))
+    except (TypeError, ValueError, OverflowError):
+        return 2.0 ** _cost_bits(e)
+
+
+def _close(a: Fraction, b: Fraction, rel_tol: float = 1e-6) -> bool:
+    """Exact equality, or within `rel_tol` of the larger of 1 and |b| (so "0.3333333" is "1/3")."""
+    return a == b or abs(float(a - b)) <= rel_tol * max(1.0, abs(float(b)))
 
 
 # ---------------------------------------------------------------- short free-text answers
