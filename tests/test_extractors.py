@@ -237,39 +237,3 @@ def test_number_phrasings(text, want):
 ])
 def test_math_answer_span_stops_at_the_math(text, want):
     assert answers.extract_boxed(text) == want
-
-
-# What counts as the same MATH answer (README "What counts as the same answer").
-MATH_SAME = [
-    ("\\frac{1}{2}", "0.5"), ("\\dfrac{3}{4}", "\\frac34"),
-    ("(3,\\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("x=5", "5"), ("10\\%", "10"), ("5\\text{ cm}", "5"), ("30^\\circ", "30"), ("\\{1,2\\}", "\\{2,1\\}"),
-    ("[1,2)", "[1, 2)"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\text{Evelyn}", "Evelyn"), ("p - q", "-q + p"),
-]
-MATH_DIFFERENT = [
-    ("(1,2)", "(2,1)"),                  # tuples and points keep their order
-    ("[1,2)", "[1,2]"),                  # intervals keep their ends
-    ("\\frac{1}{3}", "0.33"),            # a rounded decimal is not the fraction
-    ("2\\sqrt{2}", "2.83"),
-    ("p - q", "q - p"),
-    ("1", "2"),
-]
-
-
-@pytest.mark.parametrize("gold,pred", MATH_SAME)
-def test_math_answers_the_field_treats_as_equal(gold, pred):
-    assert answers.math_equal(pred, gold)
-
-
-@pytest.mark.parametrize("gold,pred", MATH_DIFFERENT)
-def test_math_answers_that_differ(gold, pred):
-    assert not answers.math_equal(pred, gold)
-
-
-def test_math_equal_from_worker_threads():
-    """The probe pipeline judges in worker threads, where math-verify's SIGALRM time-outs cannot be set."""
-    from concurrent.futures import ThreadPoolExecutor
-    cases = MATH_SAME + MATH_DIFFERENT
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda c: answers.math_equal(c[1], c[0]), cases))
-    assert got == [True] * len(MATH_SAME) + [False] * len(MATH_DIFFERENT)
