@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from exgrpo.runlock import write_json_atomic
 from exgrpo.sft import SFTConfig
 from exgrpo.train import TrainConfig
 
@@ -139,16 +140,6 @@ class StageError(RuntimeError):
         self.stage, self.cause = stage, cause
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write to a temporary file, fsync, rename: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Status:
     """status.json: {"config": {...}, "stages": {name: {"state", "seconds", "info" | "error"}}}."""
 
@@ -166,7 +157,7 @@ class Status:
 
     def mark(self, name: str, **rec: Any) -> None:
         self.data["stages"][name] = rec
-        _write_json_atomic(self.path, self.data)
+        write_json_atomic(self.path, self.data)
 
 
 def _log(run: Path, msg: str) -> None:
@@ -569,7 +560,7 @@ def report_md(cfg: DemoConfig, res: dict[str, Any], table: str) -> str:
 def stage_report(cfg: DemoConfig, run: Path) -> dict[str, Any]:
     res = collect(cfg, run)
     table = render_table(res)
-    _write_json_atomic(run / "results.json", res)
+    write_json_atomic(run / "results.json", res)
     (run / "results.md").write_text(table + "\n", encoding="utf-8")
     plot(cfg, run, res)
     (run / "report.md").write_text(report_md(cfg, res, table), encoding="utf-8")

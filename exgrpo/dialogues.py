@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from exgrpo.tasks import Example, get_task
+from exgrpo.tasks.files import natural_key
 
 POLICY, SFT = "policy", "sft"
 
@@ -85,7 +86,7 @@ def load_probe_set(path: str | Path, *, kept_only: bool = True) -> list[ProbeIte
         raise DialogueError(f"{p} holds no kept question: nothing to train on (run `exgrpo probe` first)")
     # `exgrpo probe` appends each question as its teacher calls finish, so the file's order varies from run
     # to run; training order must depend on the probe set's contents only.
-    return sorted(items, key=lambda it: (it.example.task, _natural(it.example.id)))
+    return sorted(items, key=lambda it: (it.example.task, natural_key(it.example.id)))
 
 
 def _item(rec: dict, where: str, kept_only: bool) -> ProbeItem:
@@ -111,11 +112,6 @@ def _item(rec: dict, where: str, kept_only: bool) -> ProbeItem:
         raise DialogueError(f"{where}: the question's 'example' has no {e.args[0]!r} (it has "
                             f"{', '.join(rec['example'])})") from None
     return ProbeItem(ex, tuple(probes), rec.get("rationale"), rec.get("rationale_source"))
-
-
-def _natural(s: str) -> tuple:
-    """"q-2" before "q-10"."""
-    return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s))
 
 
 # ----------------------------------------------------------------------------- scenarios

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from exgrpo.runlock import lock, release, write_json_atomic
 from exgrpo.tasks import Example, Task, get_task, load_examples
 
 SYNTHETIC_SPLITS = ("train", "test", "ood", "held_in")
@@ -258,14 +259,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
               "accuracy": {r["split"]: r["accuracy"] for r in rows}, "results": rows, "examples": examples,
               "config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 3)}
     if cfg.out:
-        p = Path(cfg.out)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        write_json_atomic(Path(cfg.out), report)
+        release(Path(cfg.out))
     return report
 
 
 def _check_writable(out: Path) -> None:
-    """The report's place, tried before any answer is computed (not after an hour of generation)."""
+    """The report's place, tried and locked before any answer is computed (not after an hour of generation):
+    a second `exgrpo eval` into the same report fails at once naming the first."""
     if out.is_dir():
         raise EvalError(f"--out {out} is a folder; give the report's file name")
     try:
@@ -275,8 +276,11 @@ def _check_writable(out: Path) -> None:
             pass
         if not existed:
             out.unlink()
+        lock(out)
     except OSError as e:
         raise EvalError(f"--out {out} cannot be written: {e.strerror or e}") from None
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def render_table(report: dict[str, Any]) -> str:

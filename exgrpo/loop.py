@@ -19,7 +19,6 @@ reference policy, optimizer, resume, config and metrics in the run folder), the 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import sys
@@ -31,7 +30,7 @@ import torch
 
 from exgrpo import checkpoint, distributed
 from exgrpo.distributed import Dist
-from exgrpo.runlock import lock, release
+from exgrpo.runlock import claim_folder, release
 
 # ----------------------------------------------------------------------------- the run folder
 
@@ -60,8 +59,6 @@ def claim(cfg, d: Dist) -> Path:
     run = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume and --overwrite contradict each other: continue the run, or start it over")
-    if run.exists() and not run.is_dir():
-        raise ValueError(f"--out {run} is a file; the run needs a folder")
     why = None
     if d.main:                                  # the file work on rank 0; its verdict reaches every rank
         try:
@@ -75,14 +72,7 @@ def claim(cfg, d: Dist) -> Path:
 
 
 def _claim_on_main(run: Path, cfg) -> None:
-    try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"--out {run} is not writable: {e.strerror or e}") from None
-    lock(run)
+    claim_folder(run)
     found = _previous_run(run)
     if cfg.resume and found and not checkpoint.checkpoints(run):
         raise ValueError(f"--resume: {run} holds {', '.join(found)} but no checkpoint to continue from; "

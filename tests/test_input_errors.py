@@ -68,3 +68,27 @@ def test_eval_checks_its_report_path_before_computing(tmp_path, capsys, monkeypa
                          (tmp_path / "afile" / "r.json", "cannot be written")):
         assert cli_main(["eval", "--model", str(tmp_path), "--out", str(out), "--n", "2"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_input_error_is_one_line_and_debug_adds_the_traceback(tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    assert cli_main(["data", "gsm8k", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exgrpo data:" in err and "nowhere.jsonl" in err and "Traceback" not in err
+    for argv in (["--debug", "data", "gsm8k", str(missing)], ["data", "gsm8k", str(missing), "--debug"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("exgrpo data:") and "Traceback (most recent call last)" in err
+
+
+def test_an_unexpected_read_error_is_caught_by_the_cli(tmp_path, capsys, monkeypatch):
+    import exgrpo.cli.data as data_cli
+
+    def broken(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "f.jsonl"))
+    monkeypatch.setattr(data_cli, "run", broken)
+    assert cli_main(["data", "gsm8k", "x"]) == 2
+    assert capsys.readouterr().err == f"exgrpo data: {tmp_path / 'f.jsonl'}: Permission denied\n"
+    monkeypatch.setattr(data_cli, "run", lambda args: [][1])               # a bug keeps its traceback
+    with pytest.raises(IndexError):
+        cli_main(["data", "gsm8k", "x"])

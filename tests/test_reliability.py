@@ -71,8 +71,8 @@ def test_nothing_loadable_is_an_error_and_changes_nothing(tiny_student, probe_di
         _truncate_a_shard(c)
     rc = cli_main(["train", "--model", str(tiny_student), "--probes", str(probe_dir), "--out", str(run),
                    "--steps", "3", "--k-probes", "2", "--max-new-tokens", "12", "--resume", "--no-progress"])
-    out = capsys.readouterr().out
-    assert rc == 1 and "--resume: no loadable checkpoint in" in out and "ckpt-000002: dcp/" in out
+    out = capsys.readouterr().err
+    assert rc == 2 and "--resume: no loadable checkpoint in" in out and "ckpt-000002: dcp/" in out
     assert (run / "metrics.jsonl").read_text() == before
 
 
@@ -198,3 +198,26 @@ def test_an_interrupt_inside_an_optimizer_update_does_not_save_weights_between_s
         train(small_train(tiny_student, probe_dir, run, steps=3, save_every=100))
     assert "interrupted inside an optimizer update: not saved" in capsys.readouterr().err
     assert checkpoint.latest(run) is None                     # step 1 was never saved: nothing half-way was
+
+
+def test_two_evals_cannot_write_one_report(tmp_path, capsys):
+    from exgrpo.tasks import Example
+    from tests.test_eval import CASES, _write_jsonl
+    data = _write_jsonl(tmp_path / "cases.jsonl", [
+        Example(id=i, task="synthetic", question=f"q {i}?", answer=g).to_dict() for i, g, *_ in CASES])
+    outs = _write_jsonl(tmp_path / "outs.jsonl", [{"id": i, "output": o} for i, _, o, *_ in CASES])
+    report = tmp_path / "r.json"
+    report.write_text('{"earlier": true}\n')
+    args = ["eval", "--data", f"mine={data}", "--outputs", str(outs), "--out", str(report)]
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(report)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        assert cli_main(args) == 2
+        assert f"{report} is in use by another run (pid {p.pid}" in capsys.readouterr().err
+        assert json.loads(report.read_text()) == {"earlier": True}          # the first run's report untouched
+    finally:
+        p.kill()
+        p.wait()
+    assert cli_main(args) == 0
+    assert json.loads(report.read_text())["accuracy"] == {"mine": 0.375}
+    assert not report.with_name("r.json.tmp").exists()                    # written whole, then renamed

@@ -6,12 +6,16 @@ exgrpo/).
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. They are imported
 lazily so that `exgrpo --help` stays fast and a missing optional dependency only breaks its own
 subcommand.
+
+Input mistakes end in one line on stderr naming what is wrong and exit 2 (`fail`); `--debug` adds the
+traceback. An exception outside those kinds is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -25,8 +29,29 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG = False
+# What a wrong file, folder, record or setting raises, here or in the libraries that read them.
+INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, KeyError, ValueError, UnicodeError)
+
+
+def fail(command: str, e: BaseException, rc: int = 2) -> int:
+    """One line on stderr naming what is wrong (the traceback too under --debug); returns the exit status."""
+    if isinstance(e, KeyError) and e.args:
+        msg = e.args[0]                     # str(KeyError) quotes its message
+    elif isinstance(e, OSError) and e.filename and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    print(f"exgrpo {command}: {msg}", file=sys.stderr)
+    if DEBUG:
+        traceback.print_exception(e)
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
+    global DEBUG
     parser = argparse.ArgumentParser(prog="exgrpo", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, add_help=False)   # -h goes on to the subcommand's own parser
@@ -37,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"exgrpo {args.command}", description=SUBCOMMANDS[args.command][1])
     add = getattr(mod, "add_arguments_for", None)
     add(p, args.command) if add else mod.add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error, too")
     ns = p.parse_args(rest)
+    DEBUG = bool(args.debug or ns.debug)
+    del ns.debug
     ns._command = args.command
-    return int(mod.run(ns) or 0)
+    try:
+        return int(mod.run(ns) or 0)
+    except INPUT_ERRORS as e:
+        return fail(args.command, e)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import argparse
 import sys
 from collections import Counter
 
-from exgrpo.tasks.example import LETTERS, Example
-
-SKEW_WARNING = 0.5
+from exgrpo.cli import fail
+from exgrpo.tasks.example import Example
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,14 +34,14 @@ def gold_distribution(examples: list[Example], top: int = 8) -> list[tuple[str, 
 
 def skew_warning(examples: list[Example]) -> str | None:
     """A warning when one gold letter answers more than half of the multiple-choice questions."""
-    mc = [e for e in examples if e.choices and len(e.answer) == 1 and e.answer in LETTERS]
-    if not mc:
+    from exgrpo.tasks.loaders import gold_skew
+    from exgrpo.tasks.registry import SKEW_SHARE
+    skew = gold_skew(examples)
+    if skew is None or skew[1] <= SKEW_SHARE * skew[2]:
         return None
-    (letter, n), = Counter(e.answer for e in mc).most_common(1)
-    if n <= SKEW_WARNING * len(mc):
-        return None
-    return (f"warning: gold letter {letter} answers {n} of {len(mc)} multiple-choice questions "
-            f"({100 * n / len(mc):.0f}%): always answering {letter} would score that; a model trained on it "
+    letter, n, total = skew
+    return (f"warning: gold letter {letter} answers {n} of {total} multiple-choice questions "
+            f"({100 * n / total:.0f}%): always answering {letter} would score that; a model trained on it "
             "learns the letter, not the task")
 
 
@@ -70,9 +69,8 @@ def run(args: argparse.Namespace) -> int:
         task = get_task(args.task)
         fields = tuple(s for s in args.field.split(",") if s.strip())
         res = load_examples(task, args.file, skip_bad=True, limit=args.limit, fields=fields)
-    except (KeyError, ValueError, FileNotFoundError, DatasetError, OSError) as e:
-        print(f"exgrpo data: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
-        return 2
+    except (KeyError, ValueError, DatasetError, OSError) as e:
+        return fail("data", e)
     exs = res.examples
     print(f"{task.title} ({task.name}): {args.file}")
     print(f"{len(exs)} examples, {len(res.skipped)} records skipped")

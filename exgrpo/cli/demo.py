@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exgrpo.cli import fail
 from exgrpo.configs import add_dataclass_arguments, load_config_file, make_config
 
 
@@ -40,9 +41,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["preset"] = preset
         cfg = make_config(DemoConfig, {**PRESETS[preset], **file_values}, overrides,
                           source=str(getattr(args, "config", None) or "config"))
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"exgrpo demo: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, TypeError) as e:
+        return fail("demo", e)
     try:
         run_demo(cfg)
     except StageError as e:
@@ -50,6 +50,5 @@ def run(args: argparse.Namespace) -> int:
               "cause and continue with --resume.", file=sys.stderr)
         return 1
     except ValueError as e:
-        print(f"exgrpo demo: {e}", file=sys.stderr)
-        return 2
+        return fail("demo", e)
     return 0

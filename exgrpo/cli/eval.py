@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from exgrpo.cli import fail
 from exgrpo.configs import add_dataclass_arguments, config_from_args
 from exgrpo.evaluate import EvalConfig, EvalError, evaluate, render_table
 
@@ -28,9 +29,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(EvalConfig, args, table="eval")
         report = evaluate(cfg)
-    except (EvalError, ModelError, DatasetError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"exgrpo eval: {e}", file=sys.stderr)
-        return 2
+    except (EvalError, ModelError, DatasetError, ValueError, OSError) as e:
+        return fail("eval", e)
     print(render_table(report))
     if "held_in" in report["accuracy"] and cfg.task == "synthetic" and not cfg.data:
         print("note: held_in is problems 0..n-1 of the held-in stream, i.e. training problems for this "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from exgrpo.cli import fail
 from exgrpo.configs import add_dataclass_arguments, config_from_args, save_config
 
 
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from exgrpo.probes.pipeline import FilterSettings, RationaleSettings, run_pipeline
     from exgrpo.probes.rules import load_rules
     from exgrpo.probes.summary import render, summarize
-    from exgrpo.runlock import lock
+    from exgrpo.runlock import claim_folder
     from exgrpo.tasks.loaders import DatasetError
 
     try:
@@ -158,9 +159,8 @@ def run(args: argparse.Namespace) -> int:
         if cfg.student:
             from exgrpo.probes.student import TransformersStudent
             student = TransformersStudent(cfg.student, cfg.student_max_new_tokens, cfg.student_batch_size)
-    except (ValueError, FileNotFoundError, KeyError, ImportError, DatasetError) as e:
-        print(f"exgrpo probe: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, KeyError, ImportError, DatasetError) as e:
+        return fail("probe", e)
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
     if skipped:
@@ -168,13 +168,9 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(cfg.out)
     try:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; the probe set needs a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        lock(out)                                   # one `exgrpo probe` per folder: a second would double records
+        claim_folder(out, "the probe set")          # one `exgrpo probe` per folder: a second would double records
     except (ValueError, OSError) as e:
-        print(f"exgrpo probe: {e}", file=sys.stderr)
-        return 2
+        return fail("probe", e)
     save_config(cfg, out / "config.json")
 
     bar = None

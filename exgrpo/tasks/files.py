@@ -134,13 +134,14 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[str, Record | Except
             yield f"{path}:{reader.line_num}", dict(row)
 
 
-def _natural(s: str) -> tuple:
+def natural_key(s: str) -> tuple:
+    """"q-2" before "q-10": digit runs compare as numbers."""
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s))
 
 
 def _read_folder(root: Path) -> Iterator[tuple[str, Record | Exception]]:
     files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES),
-                   key=lambda p: _natural(p.relative_to(root).as_posix()))
+                   key=lambda p: natural_key(p.relative_to(root).as_posix()))
     if not files:
         raise DatasetError(f"{root}: a folder with no data file ({', '.join(DATA_SUFFIXES)}) in it")
     for f in files:

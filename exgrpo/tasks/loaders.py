@@ -226,13 +226,14 @@ def shuffle_options(ex: Example) -> Example:
                    choices=texts, meta=meta)
 
 
-def gold_skew(examples: list[Example]) -> tuple[str, int] | None:
-    """(the most common gold letter, its count) over the multiple-choice examples, or None if there are none."""
-    letters = [e.answer for e in examples if e.choices]
+def gold_skew(examples: list[Example]) -> tuple[str, int, int] | None:
+    """(the most common gold letter, its count, the number of multiple-choice examples) over the examples
+    whose gold is an option letter, or None if there are none."""
+    letters = [e.answer for e in examples if e.choices and len(e.answer) == 1 and e.answer in LETTERS]
     if not letters:
         return None
     top = max(sorted(set(letters)), key=letters.count)
-    return top, letters.count(top)
+    return top, letters.count(top), len(letters)
 
 
 # ---------------------------------------------------------------- the converters

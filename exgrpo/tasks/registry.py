@@ -182,11 +182,10 @@ def _unskew(t: Task, out: LoadResult) -> None:
     if fixed:
         out.notes.append(f"options shuffled in {len(fixed)} of {len(out.examples)} questions: the source lists "
                          "the right option first (a permutation fixed by task and id)")
-    rest = [e for e in out.examples if "options_shuffled" not in e.meta and e.choices]
-    skew = loaders.gold_skew(rest)
-    if skew is None or len(rest) < SKEW_MIN_EXAMPLES or skew[1] <= SKEW_SHARE * len(rest):
+    skew = loaders.gold_skew([e for e in out.examples if "options_shuffled" not in e.meta])
+    if skew is None or skew[2] < SKEW_MIN_EXAMPLES or skew[1] <= SKEW_SHARE * skew[2]:
         return
-    letter, n = skew
+    letter, n, total = skew
     done = 0
     for i, e in enumerate(out.examples):
         if e.choices and "options_shuffled" not in e.meta:
@@ -195,5 +194,5 @@ def _unskew(t: Task, out: LoadResult) -> None:
                 done += 1
             except ValueError:
                 pass
-    out.notes.append(f"gold letter {letter} answers {n} of {len(rest)} questions in the source's order: options "
+    out.notes.append(f"gold letter {letter} answers {n} of {total} questions in the source's order: options "
                      f"shuffled in {done} (a permutation fixed by task and id)")
