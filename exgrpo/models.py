@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ def check_model_dir(path: str | Path) -> Path:
         raise ModelError(f"model directory not found: {p}")
     if not (p / "config.json").exists():
         raise ModelError(f"{p} has no config.json: not a transformers model directory")
+    check_family(p / "config.json")
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin")) + list(p.glob("adapter_model.*"))
     if not weights:
         raise ModelError(f"{p} has a config but no weights (*.safetensors / *.bin)")
@@ -40,6 +42,56 @@ def check_model_dir(path: str | Path) -> Path:
         if (why := safetensors_damage(w)) is not None:
             raise ModelError(f"{w} is damaged ({why}); copy or download it again")
     return p
+
+
+def check_family(config_json: Path) -> str:
+    """The config's model_type, when it names a decoder-only causal LM (Gemma, Llama, Qwen, ...); an encoder
+    (BERT-like: it has a masked-LM head in transformers), an encoder-decoder or an unknown type is an error."""
+    import json
+
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+    try:
+        cfg = json.loads(config_json.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeError) as e:
+        raise ModelError(f"{config_json} is not a JSON config ({e})") from None
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if not isinstance(kind, str):
+        raise ModelError(f"{config_json} names no model_type: not a transformers model config")
+    if cfg.get("is_encoder_decoder") or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+            or kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        what = ("an encoder-decoder" if cfg.get("is_encoder_decoder") else
+                "an encoder" if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "not a causal language model")
+        raise ModelError(f"{config_json}: model_type {kind!r} is {what}; exgrpo trains and samples decoder-only "
+                         "chat models (gemma, llama, qwen2, mistral, ...)")
+    return kind
+
+
+def from_pretrained_checked(path: str | Path, **kwargs):
+    """AutoModelForCausalLM.from_pretrained, refusing weights that do not fit config.json (a tensor the
+    config needs missing from the files, or of another shape: a config from another model, which
+    transformers would fill with random values and only warn about)."""
+    from transformers import AutoModelForCausalLM
+    # ignore_mismatched_sizes: report wrong shapes here, by name, instead of transformers' RuntimeError.
+    model, info = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True,
+                                                       ignore_mismatched_sizes=True, **kwargs)
+    missing, wrong = sorted(info.get("missing_keys") or ()), sorted(info.get("mismatched_keys") or ())
+    if missing or wrong:
+        parts = [f"{len(missing)} tensor(s) missing from the weight files ({_first(missing)})"] if missing else []
+        parts += [f"{len(wrong)} of another shape ({_first(wrong)})"] if wrong else []
+        raise ModelError(f"{path}: the weights do not fit config.json (model_type "
+                         f"{model.config.model_type!r}): {'; '.join(parts)}. Is config.json from another model?")
+    if unused := sorted(info.get("unexpected_keys") or ()):
+        print(f"warning: {path}: {len(unused)} tensor(s) in the weight files are not used by the model "
+              f"({_first(unused)})", file=sys.stderr)
+    return model
+
+
+def _first(keys: list, n: int = 3) -> str:
+    names = [str(k[0] if isinstance(k, tuple) else k) for k in keys]
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def safetensors_damage(path: Path) -> str | None:
@@ -104,10 +156,8 @@ def attention_for(attention: str, dtype: torch.dtype, device: str | torch.device
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attention: str = "sdpa"):
-    from transformers import AutoModelForCausalLM
     path = check_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
-                                                 attn_implementation=attention_for(attention, dtype, device))
+    model = from_pretrained_checked(path, dtype=dtype, attn_implementation=attention_for(attention, dtype, device))
     return model.to(device)
 
 
@@ -231,6 +281,9 @@ def init_student(model_dir: str | Path, *, lora: bool = False, lora_r: int = 16,
           "fp32": torch.float32}[dtype]
     tok = load_tokenizer(check_model_dir(model_dir))
     model = load_model(model_dir, dtype=dt, device=dev, attention=attention)
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise ModelError(f"{model_dir}: {type(model).__name__} is not laid out as the trainer needs (a decoder "
+                         "at model.model with its layers at model.model.layers, as Gemma, Llama and Qwen are)")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:

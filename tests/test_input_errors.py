@@ -92,3 +92,35 @@ def test_an_unexpected_read_error_is_caught_by_the_cli(tmp_path, capsys, monkeyp
     monkeypatch.setattr(data_cli, "run", lambda args: [][1])               # a bug keeps its traceback
     with pytest.raises(IndexError):
         cli_main(["data", "gsm8k", "x"])
+
+
+def test_an_encoder_config_is_refused_before_loading(tiny_student, tmp_path, monkeypatch):
+    import transformers
+    copy = tmp_path / "bert"
+    shutil.copytree(tiny_student, copy)
+    (copy / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded before the family was checked"))
+    with pytest.raises(ModelError, match=r"config\.json: model_type 'bert' is an encoder; exgrpo trains and "
+                                         r"samples decoder-only chat models"):
+        check_model_dir(copy)
+    (copy / "config.json").write_text(json.dumps({"architectures": ["X"]}))
+    with pytest.raises(ModelError, match="names no model_type"):
+        check_model_dir(copy)
+
+
+def test_a_config_from_another_model_over_the_weights_is_refused(tiny_student, tmp_path):
+    from exgrpo.models import init_student
+    copy = tmp_path / "llama"
+    shutil.copytree(tiny_student, copy)
+    gemma = json.loads((copy / "config.json").read_text())
+    keep = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
+            "vocab_size", "head_dim", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    llama = {k: gemma[k] for k in keep if k in gemma} | {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (copy / "config.json").write_text(json.dumps(llama))          # untied: it needs an lm_head the files lack
+    with pytest.raises(ModelError, match=r"the weights do not fit config\.json \(model_type 'llama'\): 1 "
+                                         r"tensor\(s\) missing from the weight files \(lm_head\.weight\)"):
+        init_student(copy, device="cpu")
+    (copy / "config.json").write_text(json.dumps(gemma | {"intermediate_size": gemma["intermediate_size"] * 2}))
+    with pytest.raises(ModelError, match=r"of another shape \(model\.layers\.0\.mlp\."):
+        init_student(copy, device="cpu")

@@ -328,6 +328,56 @@ def test_rationale_is_resampled_until_gold_and_a_question_without_one_is_dropped
     assert sum(t2.writes.values()) == 0 and res.units_skipped == 30
 
 
+class BrokenSolveTeacher(RTTeacher):
+    """RTTeacher whose solve of the questions in `broken` gets no reply at all (a broken JSON body, an error
+    page) while `down` is set."""
+
+    def __init__(self, broken):
+        super().__init__()
+        self.broken, self.down = set(broken), True
+
+    def solve(self, task, ex):
+        if self.down and ex.id in self.broken:
+            with self.lock:
+                self.solves[ex.id] += 1
+            return Reply(None, "HTTP 200 with a body that is not JSON")
+        return super().solve(task, ex)
+
+
+def test_a_failed_rationale_call_is_made_again_on_the_next_run_up_to_a_count(tmp_path):
+    from exgrpo.dialogues import load_probe_set
+    items = _items(3)
+    ids = [e.id for _, e in items]
+    t = BrokenSolveTeacher({ids[1]})
+    rs = RationaleSettings(tries=2)
+    run_pipeline(items, t, RULES, tmp_path, rationale=rs, retry_failed=1)
+    first = {r["example_id"]: r for r in _lines(tmp_path / SET_FILE)}
+    assert first[ids[1]]["verdict"] == "no_rationale" and t.solves[ids[1]] == 2      # both tries were calls that failed
+    assert [a["reason"] for a in first[ids[1]]["rationale_attempts"]] == ["HTTP 200 with a body that is not JSON"] * 2
+    t.down = False                                                 # the server is fixed: the next run asks again
+    t.solves.clear()
+    res = run_pipeline(items, t, RULES, tmp_path, rationale=rs, retry_failed=1)
+    assert t.solves == {ids[1]: 1} and res.rationale_attempts_done == 1 and res.questions_written == 1
+    again = {r["example_id"]: r for r in _lines(tmp_path / SET_FILE)}[ids[1]]      # the later line stands
+    assert again["verdict"] == "kept" and again["rationale"].startswith("Teacher's R_T")
+    assert [(a["attempt"], a["correct"]) for a in again["rationale_attempts"]] == [(0, True)]
+    assert ids[1] in {it.example.id for it in load_probe_set(tmp_path)}
+    lines = [(r["attempt"], r.get("tries", 1), r["correct"]) for r in _lines(tmp_path / RATIONALE_FILE)
+             if r["example_id"] == ids[1]]
+    assert lines == [(0, 1, False), (1, 1, False), (0, 2, True)]          # appended; the later line wins
+    t.solves.clear()
+    res = run_pipeline(items, t, RULES, tmp_path, rationale=rs, retry_failed=1)
+    assert not t.solves and res.questions_written == 0              # settled: nothing asked again
+    # A call that keeps failing is made retry_failed + 1 times in all, however often the run is repeated.
+    t2 = BrokenSolveTeacher({ids[0]})
+    other = tmp_path / "o"
+    for _ in range(4):
+        run_pipeline(items[:1], t2, RULES, other, rationale=rs, retry_failed=1)
+    assert t2.solves[ids[0]] == 4                                  # 2 tries x (1 + 1 retry)
+    assert [(r["attempt"], r.get("tries", 1)) for r in _lines(other / RATIONALE_FILE)] == [(0, 1), (1, 1), (0, 2),
+                                                                                          (1, 2)]
+
+
 def test_rationale_dataset_uses_the_datasets_own_and_falls_back_to_the_teacher(tmp_path):
     exs = [e for _, e in _items(3)]
     no_rt = dataclasses.replace(exs[2], id="no-rt", rationale=None)

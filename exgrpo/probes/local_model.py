@@ -7,7 +7,9 @@ from typing import Any
 class LocalChatModel:
     def __init__(self, model_dir: str, max_new_tokens: int = 256, device: str = "cpu"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from exgrpo.models import from_pretrained_checked
 
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(model_dir)
@@ -15,7 +17,7 @@ class LocalChatModel:
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+        self.model = from_pretrained_checked(model_dir).to(device).eval()
         self.device, self.max_new_tokens = device, max_new_tokens
 
     def render(self, messages: list[dict[str, str]]) -> str:

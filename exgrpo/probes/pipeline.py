@@ -14,9 +14,10 @@ Three append-only files in the output folder:
 A killed run loses only the calls in flight. A re-run with the same settings skips every key already
 present, so it neither repeats work nor writes duplicates: logged R_T attempts are replayed in order
 (the first correct one is the R_T, so a resumed question sees the same R_T and the same probe keys).
-The one exception is a probe whose teacher calls failed: it is asked again on later runs (up to
-`retry_failed` more times), its new record standing for the key (a store's later line wins), and its
-question's record written again.
+The one exception is a call that got no usable reply (a broken body, an error page, no choices): a probe
+whose teacher calls failed, or an R_T attempt whose call failed (not one that answered wrongly), is asked
+again on later runs (up to `retry_failed` more times), its new record standing for the key (a store's later
+line wins), and its question's record written again.
 """
 from __future__ import annotations
 
@@ -122,15 +123,16 @@ def extract_probe_answer(text: str) -> str | None:
 
 def run_rationale_attempt(teacher: Teacher, task: Task, ex: Example, attempt: int, key: str) -> dict[str, Any]:
     """The work-log record of one attempt at R_T. `correct` is true iff the task's extractor finds the
-    gold answer in the teacher's solution; otherwise `reason` says why not. Only `TeacherUnavailable`
-    escapes, because it means the run must stop."""
+    gold answer in the teacher's solution; otherwise `reason` says why not. `call_failed` marks an attempt
+    that got no solution at all (a broken reply, an error page, an exception): a later run makes it again
+    (see `replay_rationale`). Only `TeacherUnavailable` escapes, because it means the run must stop."""
     rec: dict[str, Any] = {"key": key, "task": ex.task, "example_id": ex.id, "teacher": teacher.fingerprint,
                            "attempt": attempt, "status": "failed", "reason": None, "response": None,
-                           "answer": None, "correct": False}
+                           "answer": None, "correct": False, "call_failed": False}
     try:
         r = teacher.solve(task, ex)
         if not r.ok:
-            rec["reason"] = r.error or "no text"
+            rec["reason"], rec["call_failed"] = r.error or "no text", True
             return rec
         rec["response"] = r.text
         if not (r.text or "").strip():
@@ -149,8 +151,13 @@ def run_rationale_attempt(teacher: Teacher, task: Task, ex: Example, attempt: in
     except TeacherUnavailable:
         raise
     except Exception as e:  # a bug or odd input in one question must not kill a long run
-        rec["reason"] = f"{type(e).__name__}: {e}"
+        rec["reason"], rec["call_failed"] = f"{type(e).__name__}: {e}", True
         return rec
+
+
+def call_failed(rec: dict[str, Any]) -> bool:
+    """An R_T attempt that got no solution to judge (logs older than the field: no response)."""
+    return bool(rec.get("call_failed", rec.get("response") is None and not rec.get("correct")))
 
 
 # ---------------------------------------------------------------- one probe: three teacher calls
@@ -297,7 +304,7 @@ class _Pending:
     ex: Example
     qkey: str
     rt: RationaleOutcome = field(default_factory=RationaleOutcome)
-    next_attempt: int = 0          # the next R_T attempt to make
+    to_make: list[int] = field(default_factory=list)   # the R_T attempts still to make, in order
     dropped: bool = False          # every R_T attempt made and none correct
     rules: list[ProbeRule] = field(default_factory=list)   # the rules still to run (R_T settled)
     remaining: int = 0
@@ -307,23 +314,27 @@ class _Pending:
         return [probe_key(self.ex, r, tfp, self.rt.text) for r in rules.rules]
 
 
-def replay_rationale(p: _Pending, rs: RationaleSettings, rlog: JsonlStore, tfp: str) -> None:
+def replay_rationale(p: _Pending, rs: RationaleSettings, rlog: JsonlStore, tfp: str, retry_failed: int) -> None:
     """Settle p's R_T from the dataset or from the logged attempts, as far as they go: sets p.rt.text
-    (the first correct attempt), or p.dropped (all `rs.tries` logged, none correct), or leaves
-    p.next_attempt at the first attempt not yet made."""
+    (the first correct attempt), or p.dropped (all `rs.tries` logged, none correct), or p.to_make: the
+    attempts not yet made, and those whose call failed (`call_failed`) fewer than `retry_failed` + 1 times,
+    to be made again under the same key."""
     if rs.source == "dataset" and p.ex.rationale:
         p.rt = RationaleOutcome(p.ex.rationale, "dataset")
         return
     for i in range(rs.tries):
         rec = rlog.records.get(rationale_key(p.task, p.ex, tfp, i))
         if rec is None:
-            p.next_attempt = i
+            p.to_make += range(i, rs.tries)
             return
         p.rt.attempts.append(rec)
         if rec["correct"]:
             p.rt.text, p.rt.source = rec["response"], "teacher"
+            p.to_make = []
             return
-    p.next_attempt, p.dropped = rs.tries, True
+        if call_failed(rec) and rec.get("tries", 1) <= retry_failed:
+            p.to_make.append(i)
+    p.dropped = not p.to_make
 
 
 def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules: RuleSet, out_dir: str | Path,
@@ -368,12 +379,13 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
     for task, ex in items:
         res.examples += 1
         p = _Pending(task, ex, question_key(ex, rules, tfp, student_fp, filters, rationale))
-        replay_rationale(p, rationale, rlog, tfp)
+        replay_rationale(p, rationale, rlog, tfp, retry_failed)
         order.append(p)
-        if p.qkey in qset.records and not (p.rt.text is not None and any(map(retry, p.unit_keys(rules, tfp)))):
+        retried = p.to_make if p.rt.text is None else [k for k in p.unit_keys(rules, tfp) if retry(k)]
+        if p.qkey in qset.records and not retried:
             res.questions_skipped += 1
             continue
-        res.rationale_attempts_skipped += len(p.rt.attempts)
+        res.rationale_attempts_skipped += sum(a["attempt"] not in p.to_make for a in p.rt.attempts)
         if p.rt.text is not None:
             plan_units(p)
         todo.append(p)
@@ -406,23 +418,29 @@ def run_pipeline(items: Iterable[tuple[Task, Example]], teacher: Teacher, rules:
         if p.dropped or (p.rt.text is not None and not p.rules):
             ready.append(p)
         elif p.rt.text is None:
-            fut = pool.submit(run_rationale_attempt, teacher, p.task, p.ex, p.next_attempt,
-                              rationale_key(p.task, p.ex, tfp, p.next_attempt))
+            i = p.to_make.pop(0)
+            fut = pool.submit(run_rationale_attempt, teacher, p.task, p.ex, i, rationale_key(p.task, p.ex, tfp, i))
             inflight[fut] = ("rationale", p)
         else:
             for r, k in zip(p.rules, [probe_key(p.ex, r, tfp, p.rt.text) for r in p.rules]):
                 inflight[pool.submit(run_probe_unit, teacher, p.task, p.ex, r, p.rt.text, k)] = ("unit", p)
 
     def attempt_done(p: _Pending, rec: dict[str, Any]) -> None:
-        rlog.append(rec)
+        before = rlog.records.get(rec["key"])
+        if before is not None:                      # a failed call made again: it replaces that record
+            rec["tries"] = before.get("tries", 1) + 1
+            p.rt.attempts = [a for a in p.rt.attempts if a["key"] != rec["key"]]
+        rlog.append(rec, replace=before is not None)
         res.rationale_attempts_done += 1
         p.rt.attempts.append(rec)
-        p.next_attempt += 1
+        p.rt.attempts.sort(key=lambda a: a["attempt"])
         if rec["correct"]:
             p.rt.text, p.rt.source = rec["response"], "teacher"
+            p.rt.attempts = [a for a in p.rt.attempts if a["attempt"] <= rec["attempt"]]   # as a replay sees them
+            p.to_make = []
             plan_units(p)
             retotal(p.remaining - n_rules)
-        elif p.next_attempt >= rationale.tries:
+        elif not p.to_make:
             p.dropped = True            # no probe calls are spent on it
             retotal(-n_rules)
         if not res.stopped or p.dropped:    # a dropped question's record is complete: write it anyway
