@@ -34,10 +34,10 @@ def check_model_dir(path: str | Path) -> Path:
         raise ModelError(f"model directory not found: {p}")
     if not (p / "config.json").exists():
         raise ModelError(f"{p} has no config.json: not a transformers model directory")
-    check_family(p / "config.json")
     weights = list(p.glob("*.safetensors")) + list(p.glob("*.bin")) + list(p.glob("adapter_model.*"))
     if not weights:
         raise ModelError(f"{p} has a config but no weights (*.safetensors / *.bin)")
+    check_family(p / "config.json")
     for w in sorted(p.glob("*.safetensors")):
         if (why := safetensors_damage(w)) is not None:
             raise ModelError(f"{w} is damaged ({why}); copy or download it again")
