@@ -51,13 +51,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import common  # noqa: E402  (the repo root on the path first)
+from exgrpo.shapes import GEMMA_7B, TINY, random_probe_set, random_words, word_tokenizer  # noqa: E402
 
-GEMMA_7B = dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
-                head_dim=256, intermediate_size=24576, vocab_size=256000)
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-            intermediate_size=256, vocab_size=1000)
+MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "vocab_size")
+
 CASES = ("exgrpo:lora", "exgrpo:full", "trl:lora", "trl-liger:lora", "trl:full", "trl-liger:full")
-SPECIAL = ("<pad>", "<end_of_turn>", "<bos>", "<unk>", "<start_of_turn>", "user", "model")   # ids 0-6; then w<id>
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHASES = ("rollout", "logprobs", "loss", "optimizer", "update", "loss_eager")
 
@@ -99,7 +98,7 @@ def parse(argv=None):
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--case-json", default=None, help=argparse.SUPPRESS)   # internal: run one case, write here
     a = p.parse_args(argv)
-    a.shape = dict(TINY if a.tiny else GEMMA_7B)
+    a.shape = {k: (TINY if a.tiny else GEMMA_7B)[k] for k in MODEL_KEYS}
     if a.tiny:
         a.k_probes, a.probe_len, a.question_len, a.response_len, a.completion = 2, 6, 8, 6, 4
         a.group, a.micro_batch_tokens = 2, 192            # several micro-batches, some padding when padded
@@ -114,43 +113,6 @@ def parse(argv=None):
 
 # ============================================================================= the shared setup
 
-def build_tokenizer(vocab: int):
-    """A word-level tokenizer over V ids: text "w17 w4" <-> ids [17, 4], the chat template's markers as
-    special tokens, nothing added around a text, so a prompt's length in tokens is its number of words."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from exgrpo.models import CHAT_TEMPLATE
-    words = {t: i for i, t in enumerate(SPECIAL)} | {f"w{i}": i for i in range(len(SPECIAL), vocab)}
-    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)    # joins words with spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<end_of_turn>",
-                                  bos_token="<bos>", unk_token="<unk>", additional_special_tokens=["<start_of_turn>"])
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def _words(g: torch.Generator, n: int, vocab: int) -> str:
-    return " ".join(f"w{i}" for i in torch.randint(len(SPECIAL), vocab, (n,), generator=g).tolist())
-
-
-def write_probe_set(a, path: Path) -> Path:
-    """Random-word questions with --k-probes probes each, in exgrpo probe's probe_set.jsonl format: enough
-    questions that every step of the run sees new ones."""
-    g = torch.Generator().manual_seed(0)
-    V = a.shape["vocab_size"]
-    lines = []
-    for q in range(a.questions * (a.warmup + a.steps)):
-        ex = {"id": f"bench-{q}", "task": "gsm8k", "question": _words(g, a.question_len, V), "answer": "1"}
-        probes = [{"rule": f"rule{j}", "probe": (pr := _words(g, a.probe_len, V)), "prompt": pr,
-                   "response": _words(g, a.response_len, V), "probe_answer": "1", "kept": True}
-                  for j in range(a.k_probes)]
-        lines.append(json.dumps({"kept": True, "example": ex, "probes": probes}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def prepare_model_dir(a) -> Path:
     """Random Gemma weights at the benchmark's shape (bf16 on GPU, fp32 on CPU) and the probe set, saved once."""
     from transformers import GemmaConfig, GemmaForCausalLM
@@ -162,7 +124,7 @@ def prepare_model_dir(a) -> Path:
     want = {**a.shape, "dtype": dtype, "data": data, "format": 3}
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return out
-    tok = build_tokenizer(a.shape["vocab_size"])
+    tok = word_tokenizer(a.shape["vocab_size"])
     cfg = GemmaConfig(**a.shape, max_position_embeddings=8192, tie_word_embeddings=True,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     dt = getattr(torch, dtype)
@@ -177,7 +139,9 @@ def prepare_model_dir(a) -> Path:
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    write_probe_set(a, out / "probe_set.jsonl")
+    random_probe_set(out / "probe_set.jsonl", questions=a.questions * (a.warmup + a.steps), k_probes=a.k_probes,
+                     probe_len=a.probe_len, question_len=a.question_len, response_len=a.response_len,
+                     vocab=a.shape["vocab_size"])
     stamp.write_text(json.dumps(want))
     del model
     return out
@@ -404,7 +368,7 @@ def run_trl(a, mode: str, liger: bool) -> dict:
     n_steps = a.warmup + a.steps
     lens_by_step = trl_prompt_lens(a, tok, n_steps)
     g = torch.Generator().manual_seed(1000)
-    texts = [_words(g, n, a.shape["vocab_size"]) for lens in lens_by_step for n in lens]
+    texts = [random_words(g, n, a.shape["vocab_size"]) for lens in lens_by_step for n in lens]
     per_step = 2 * a.group * a.questions
     mb_seqs = max(1, min(per_step, a.micro_batch_tokens // (max(lens_by_step[0]) + a.completion)))
     while per_step % mb_seqs:

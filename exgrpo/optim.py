@@ -16,14 +16,17 @@ BETAS = (0.9, 0.95)
 
 
 def make_optimizer(model, *, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
-                   schedule: str = "cosine", optimizer: str = "adamw"):
+                   schedule: str = "cosine", optimizer: str = "adamw", fused: bool | None = None):
+    """(optimizer, scheduler) over the trainable parameters. AdamW is torch's fused kernel when every
+    parameter is on CUDA (`fused` forces the choice: exgrpo.plan plans a GPU's on CPU tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     if optimizer == "adamw":
-        fused = all(p.is_cuda for p in params)
+        if fused is None:
+            fused = all(p.is_cuda for p in params)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=BETAS, fused=fused or None)
     elif optimizer == "adamw8bit":
         try:

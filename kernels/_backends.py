@@ -66,7 +66,9 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 _CACHE: dict[str, Backend] = {}
 
 
-def get(name: str, device: torch.device) -> Backend:
+def get(name: str | Backend, device: torch.device) -> Backend:
+    if isinstance(name, Backend):               # a caller's own (exgrpo.plan's shape-only epilogue)
+        return name
     if name == "auto":
         name = os.environ.get("EXGRPO_BACKEND", "auto") or "auto"
     if name == "auto":

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("exgrpo.cli.probe", "build or resume an Explanatory Inversion probe set (Stage 1)"),
     "sft": ("exgrpo.cli.train", "SFT warm-up on the teacher's responses (Stage 2)"),
     "train": ("exgrpo.cli.train", "ExGRPO on multi-turn probe dialogues (Stage 3)"),
+    "plan": ("exgrpo.cli.plan", "one step's peak GPU memory and FLOPs, planned on fake tensors (no GPU, no weights)"),
     "eval": ("exgrpo.cli.eval", "single-pass greedy accuracy per task and split (the student sees Q alone)"),
     "demo": ("exgrpo.cli.demo", "the main job: EI -> SFT -> ExGRPO ablation on the embedded default, on a CPU"),
 }
