@@ -88,6 +88,9 @@ def parse(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="exgrpo cases: after the timed steps, one more loss phase under torch.profiler; the top "
                         "operators by self time go into the JSON (to explain a missed target with a profile)")
+    p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=True,
+                   help="exgrpo cases on CUDA: also plan the same step with `exgrpo plan` (fake tensors, on this "
+                        "machine's CPU) and record each phase's planned peak against the measured one")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
     p.add_argument("--case-timeout", type=float, default=1800, help="seconds a case may take (its own process)")
@@ -472,6 +475,32 @@ def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) 
     return out
 
 
+def plan_check(a, mode: str, res: dict) -> dict:
+    """`exgrpo plan` for the case's step, per phase: the planned tensor peak against the measured
+    torch.cuda.max_memory_allocated (both without the CUDA context), and the relative error."""
+    from dataclasses import fields
+
+    from exgrpo.plan import PlanConfig, plan
+    a.model_path = a.model_dir
+    train = train_config(a, mode, out="")
+    keep = {f.name for f in fields(PlanConfig)} - {"model", "probes", "out", "device", "dtype", "progress"}
+    cfg = PlanConfig(**{k: getattr(train, k) for k in keep if hasattr(train, k)}, model_config=str(a.model_path),
+                     gpu_memory=str(torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
+                                    else 141 * 10**9), probe_len=a.probe_len,
+                     question_len=a.question_len, response_len=a.response_len)
+    try:
+        p = plan(cfg)
+    except Exception as e:                                   # recorded, like a failing case
+        return {"error": common.error_text(e, 300)}
+    out = {}
+    for name, ph in p["phases"].items():
+        measured = res["phases"].get(name, {}).get("peak_alloc_gb")
+        if measured:
+            out[name] = {"planned_bytes": ph["peak_bytes"], "measured_bytes": int(measured * 1e9),
+                         "error": ph["peak_bytes"] / (measured * 1e9) - 1}
+    return out
+
+
 def run_case(a, case: str) -> dict:
     trainer, mode = case.split(":")
     if trainer == "exgrpo":
@@ -622,6 +651,8 @@ def main(argv=None):
                                                    echo=not a.tiny)}
         if "update_tflops" in res:
             res["update_frac_of_matmul"] = res["update_tflops"] / mm
+        if a.plan and dev.type == "cuda" and case.startswith("exgrpo:") and "phases" in res:
+            res["plan_vs_measured"] = plan_check(a, case.split(":")[1], res)
         record["results"].append(res)
         record["targets"] = targets(record["results"])
         common.write_json(path, record)                     # after every case: a killed run keeps what it measured
