@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from exgrpo.plan import GiB, PlanConfig, plan  # noqa: E402
 
 ROWS = [("LoRA r=16, AdamW", dict(lora=True, optimizer="adamw")),
-        ("full, AdamW (fp32 moments)", dict(lora=False, optimizer="adamw")),
+        ("full, AdamW (moments in bf16, as the weights)", dict(lora=False, optimizer="adamw")),
         ("full, 8-bit AdamW (torchao)", dict(lora=False, optimizer="adamw8bit"))]
 
 

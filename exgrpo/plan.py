@@ -299,8 +299,9 @@ def rollout_bytes(shape: dict[str, Any], calls: list[tuple[int, int]], new_token
 
         kv_cache = 2 (K, V) · layers · kv_heads · head_dim · B · (prompt + new) · dtype bytes    at the last token
         prefill  = B · prompt · (3 · intermediate + 4 · hidden) · dtype bytes   one layer's MLP and residual stream
-                   (+ 2 · intermediate with LoRA: peft adds the adapters' output to the gate and up projections'
-                   into new tensors)
+                   + B · prompt · (intermediate + 3 · hidden) · 4 with LoRA: peft copies an adapted projection's
+                   input to the adapters' fp32 (the largest, down_proj's, and the attention projections'; fitted
+                   to a real generate at two MLP widths in tests/test_plan.py, within 10 %)
         sampler  = B · vocab · (dtype bytes + 3 · 4)   the last position's logits, their fp32 copy, the
                    temperature-scaled and log-softmax copies (the sampled log-probs), the probabilities
         peak     = max over calls of max(kv_cache(prompt) + prefill, kv_cache(prompt + new) + sampler)
@@ -311,7 +312,8 @@ def rollout_bytes(shape: dict[str, Any], calls: list[tuple[int, int]], new_token
     best = {"peak_bytes": 0, "kv_cache_bytes": 0, "prefill_bytes": 0, "sampler_bytes": 0}
     for B, T in calls:
         kv = 2 * L * kvh * hd * B * dtype_bytes
-        prefill, sampler = B * T * ((5 if lora else 3) * I + 4 * H) * dtype_bytes, B * V * (dtype_bytes + 12)
+        prefill = B * T * ((3 * I + 4 * H) * dtype_bytes + ((I + 3 * H) * 4 if lora else 0))
+        sampler = B * V * (dtype_bytes + 12)
         peak = max(kv * T + prefill, kv * (T + new_tokens) + sampler)
         if peak > best["peak_bytes"]:
             best = {"peak_bytes": peak, "kv_cache_bytes": kv * (T + new_tokens), "prefill_bytes": prefill,
