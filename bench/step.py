@@ -483,7 +483,8 @@ def plan_check(a, mode: str, res: dict) -> dict:
     from exgrpo.plan import PlanConfig, plan
     a.model_path = a.model_dir
     train = train_config(a, mode, out="")
-    keep = {f.name for f in fields(PlanConfig)} - {"model", "probes", "out", "device", "dtype", "progress"}
+    keep = {f.name for f in fields(PlanConfig)} - {"model", "probes", "out", "device", "dtype", "progress",
+                                                  "gpu_memory", "auto_fit"}
     cfg = PlanConfig(**{k: getattr(train, k) for k in keep if hasattr(train, k)}, model_config=str(a.model_path),
                      gpu_memory=str(torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
                                     else 141 * 10**9), probe_len=a.probe_len,

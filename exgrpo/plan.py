@@ -608,7 +608,8 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
     from dataclasses import replace
 
     from exgrpo.kernels._lmhead import DEFAULT_CHUNK_MB
-    cur = replace(cfg, auto_fit=False, chunk_mb=cfg.chunk_mb or float(DEFAULT_CHUNK_MB["cuda"]))
+    chunk = cfg.chunk_mb or float(DEFAULT_CHUNK_MB["cuda" if cfg.gpu else "cpu"])
+    cur = replace(cfg, auto_fit=False, chunk_mb=chunk)
     tries: list[dict[str, Any]] = []
 
     def attempt(c: PlanConfig) -> dict[str, Any]:
@@ -644,6 +645,23 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
             break
         cur, p = bigger, q
     return cur, p, tries
+
+
+def fit_train_config(cfg: TrainConfig, say=print) -> TrainConfig:
+    """`exgrpo train --auto-fit`: `auto_fit` on this run's own config, model folder and probe set, for the device
+    it will run on (a CUDA run: the GPU's choices and the visible GPU's memory unless --gpu-memory; a CPU run:
+    this CPU's choices, --gpu-memory required); the run continues with the chosen settings, which its
+    config.json then records."""
+    from dataclasses import fields, replace
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    shared = {f.name for f in fields(PlanConfig)} & {f.name for f in fields(type(cfg))}
+    pc = PlanConfig(**{k: getattr(cfg, k) for k in shared}, model_config=cfg.model, gpu=cuda)
+    chosen, p, _ = auto_fit(pc, say=say)
+    knobs = {k: getattr(chosen, k) for k in ("micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
+                                             "chunk_mb")}
+    say(f"auto-fit chose {knobs}: planned peak {p['peak_bytes'] / GiB:.2f} GiB of {p['usable_bytes'] / GiB:.2f} "
+        "usable (planned on fake tensors)")
+    return replace(cfg, **knobs)
 
 
 def render(p: dict[str, Any], measured: dict[str, Any] | None = None) -> str:

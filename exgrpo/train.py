@@ -42,6 +42,9 @@ class ExGRPOSettings:
     beta: float = 0.04                      # KL(π_θ ‖ π_ref) weight, k3 estimator
     aux_coef: float = 0.1                   # λ of the auxiliary teacher-forced SFT loss (0: off)
     updates_per_batch: int = 1
+    # memory
+    auto_fit: bool = False                  # pick micro-batch, rollout batch, checkpointing, chunk by `exgrpo plan`
+    gpu_memory: str | None = None           # --auto-fit's device memory (141GB, 80GiB); default: the visible GPU's
 
 
 @dataclass
@@ -67,6 +70,11 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     items = load_probe_set(cfg.probes)                      # fails on an empty probe set, before any compute
     d, dev = distributed.init(cfg.device)
     loop.claim(cfg, d)                                     # the run folder is this run's, before any load
+    if cfg.auto_fit:                                       # planned on fake tensors, then written to config.json
+        if d.on:
+            raise ValueError("--auto-fit plans one device's step; it does not run under torchrun")
+        from exgrpo.plan import fit_train_config
+        cfg = fit_train_config(cfg)
     if cfg.questions_per_step % d.world:
         raise ValueError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
                          f"{d.world} processes (each question's group stays on one rank)")

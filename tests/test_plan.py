@@ -115,3 +115,18 @@ def test_auto_fit_relieves_the_highest_phase_until_the_step_fits():
     assert len(said) == len(tries) and all(s.startswith("auto-fit: {") for s in said)
     with pytest.raises(PlanError, match="nothing fits"):
         auto_fit(PlanConfig(**{**base.__dict__, "gpu_memory": "1000"}), say=lambda s: None)
+
+
+def test_train_auto_fit_plans_the_run_and_records_the_choice(tiny_student, probe_dir, tmp_path):
+    from exgrpo.plan import plan
+    from exgrpo.train import train
+    from tests.test_trainer import small_train
+    cfg = small_train(tiny_student, probe_dir, tmp_path / "run", steps=1, micro_batch_tokens=4096)
+    shared = {k: getattr(cfg, k) for k in PlanConfig.__dataclass_fields__ if k in cfg.__dataclass_fields__}
+    first = plan(PlanConfig(**{**shared, "model_config": str(tiny_student), "gpu": False, "gpu_memory": "1GB"}))
+    budget = int(0.9 * first["peak_bytes"] / (1 - 0.05))          # the given setting cannot fit: something changes
+    out = train(small_train(tiny_student, probe_dir, tmp_path / "run", steps=1, micro_batch_tokens=4096,
+                            auto_fit=True, gpu_memory=str(budget), device="cpu"))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["micro_batch_tokens"], saved["gradient_checkpointing"], saved["chunk_mb"]) != (4096, False, None)
+    assert saved["auto_fit"] is True and out.is_dir()
