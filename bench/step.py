@@ -478,17 +478,12 @@ def _summarise(steps: list[dict], work: dict, update_flops: float, extra: dict) 
 def plan_check(a, mode: str, res: dict) -> dict:
     """`exgrpo plan` for the case's step, per phase: the planned tensor peak against the measured
     torch.cuda.max_memory_allocated (both without the CUDA context), and the relative error."""
-    from dataclasses import fields
-
     from exgrpo.plan import PlanConfig, plan
     a.model_path = a.model_dir
-    train = train_config(a, mode, out="")
-    keep = {f.name for f in fields(PlanConfig)} - {"model", "probes", "out", "device", "dtype", "progress",
-                                                  "gpu_memory", "auto_fit"}
-    cfg = PlanConfig(**{k: getattr(train, k) for k in keep if hasattr(train, k)}, model_config=str(a.model_path),
-                     gpu_memory=str(torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available()
-                                    else 141 * 10**9), probe_len=a.probe_len,
-                     question_len=a.question_len, response_len=a.response_len)
+    memory = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 141 * 10**9
+    cfg = PlanConfig.of(train_config(a, mode, out=""), probes="", out="", dtype="auto", device="auto",
+                        model_config=str(a.model_path), gpu_memory=str(memory), probe_len=a.probe_len,
+                        question_len=a.question_len, response_len=a.response_len)
     try:
         p = plan(cfg)
     except Exception as e:                                   # recorded, like a failing case

@@ -44,8 +44,8 @@ def check_model_dir(path: str | Path) -> Path:
     return p
 
 
-def check_family(config_json: Path) -> str:
-    """The config's model_type, when it names a decoder-only causal LM (Gemma, Llama, Qwen, ...); an encoder
+def check_family(config_json: Path) -> dict:
+    """The config (a dict), when its model_type names a decoder-only causal LM (Gemma, Llama, Qwen, ...); an encoder
     (BERT-like: it has a masked-LM head in transformers), an encoder-decoder or an unknown type is an error."""
     import json
 
@@ -66,7 +66,7 @@ def check_family(config_json: Path) -> str:
                 "an encoder" if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "not a causal language model")
         raise ModelError(f"{config_json}: model_type {kind!r} is {what}; exgrpo trains and samples decoder-only "
                          "chat models (gemma, llama, qwen2, mistral, ...)")
-    return kind
+    return cfg
 
 
 def from_pretrained_checked(path: str | Path, **kwargs):

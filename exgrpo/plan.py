@@ -33,9 +33,8 @@ it; every later step carries it through the rollout).
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import math
-import os
 import re
 import sys
 import tempfile
@@ -66,10 +65,8 @@ ALLOCATOR_RESERVE = 0.05     # the caching allocator's block rounding and fragme
 @dataclass
 class PlanConfig(TrainConfig):
     model_config: str = "gemma-7b"          # a config.json, a model folder, or a built-in shape: gemma-7b, small, tiny
-    gpu_memory: str | None = None           # the GPU's memory (141GB, 80GiB); default: the visible GPU's
     gpu: bool = True                        # plan the GPU's choices (off: this CPU's, what --measure checks)
     measure: bool = False                   # also run the step on real tensors here and print both (small models)
-    auto_fit: bool = False                  # search micro-batch tokens, rollout batch, checkpointing, chunk budget
     json: str | None = None                 # write the plan as JSON
     margin: float = 0.05                    # the share of GPU memory kept free: fits iff peak <= (1 - margin) x memory
     question_len: int = 128                 # random-word data when no --probes file is given: words of Q
@@ -81,6 +78,13 @@ class PlanConfig(TrainConfig):
     max_new_tokens: int = 128
     rollout_batch_size: int = 16
     out: str = ""                           # unused by plan (the train flags are accepted as they are)
+    # gpu_memory and auto_fit are exgrpo train's own fields (TrainConfig), the same here
+
+    @classmethod
+    def of(cls, train: TrainConfig, **overrides) -> PlanConfig:
+        """The plan of a training run's config: every field they share, then `overrides`."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(train)}
+        return cls(**{**{k: getattr(train, k) for k in shared}, **overrides})
 
 
 class PlanError(ValueError):
@@ -101,8 +105,7 @@ def load_shape(spec: str) -> dict[str, Any]:
         raise PlanError(f"--model-config {spec}: not a built-in shape ({', '.join(BUILT_IN)}), a config.json or a "
                         "model folder")
     from exgrpo.models import check_family
-    check_family(p)
-    return json.loads(p.read_text(encoding="utf-8"))
+    return check_family(p)
 
 
 def parse_bytes(text: str) -> int:
@@ -269,11 +272,15 @@ class ShapeEngine:
         self.ids = [i for i in range(min(vocab, 4096)) if i not in special][-64:]
         self.calls: list[tuple[int, int]] = []
 
-    def sample(self, prompts, conversations=None):
-        from exgrpo.rollout import Sample
+    def record(self, prompts) -> None:
+        """The (dialogues, longest prompt) of each generate call HFEngine would make for these prompts."""
         for i in range(0, len(prompts), self.batch_size):
             batch = prompts[i:i + self.batch_size]
             self.calls.append((len(batch), max(map(len, batch))))
+
+    def sample(self, prompts, conversations=None):
+        from exgrpo.rollout import Sample
+        self.record(prompts)
         n = self.max_new_tokens
         return [Sample([self.ids[(j + k) % len(self.ids)] for k in range(n)], [-1.0] * n)
                 for j, _ in enumerate(prompts)]
@@ -286,9 +293,7 @@ class _Recorded:
         self.engine, self.shapes, self.tok = engine, shapes, engine.tok
 
     def sample(self, prompts, conversations=None):
-        for i in range(0, len(prompts), self.shapes.batch_size):
-            batch = prompts[i:i + self.shapes.batch_size]
-            self.shapes.calls.append((len(batch), max(map(len, batch))))
+        self.shapes.record(prompts)
         return self.engine.sample(prompts, conversations)
 
 
@@ -449,6 +454,13 @@ def _prime(opt) -> None:
 
 # ============================================================================= the step
 
+def chunk_mb_of(cfg: PlanConfig) -> float:
+    """The LM-head chunk budget the planned run uses: --chunk-mb, else the kernels' default (EXGRPO_CHUNK_MB, else
+    the CUDA or CPU default) for the device planned."""
+    from exgrpo.kernels._lmhead import chunk_budget_bytes
+    return chunk_budget_bytes(cfg.chunk_mb, torch.device("cuda" if cfg.gpu else "cpu")) / 2**20
+
+
 def _data(cfg: PlanConfig, shape: dict, folder: Path):
     """(tokenizer, probe items): the given probe set with the model folder's tokenizer, or random words at
     the configured lengths with a word tokenizer (a token per word)."""
@@ -488,13 +500,11 @@ def run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool = True) -> di
 def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str, Any]:
     from exgrpo import step as S
     from exgrpo.distributed import SINGLE
-    from exgrpo.kernels._lmhead import DEFAULT_CHUNK_MB
     from exgrpo.policy import Policy
 
     planned_gpu = fake and cfg.gpu
     dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.gpu)) else torch.float32
-    chunk_mb = cfg.chunk_mb if cfg.chunk_mb is not None else (
-        float(os.environ.get("EXGRPO_CHUNK_MB", DEFAULT_CHUNK_MB["cuda"])) if cfg.gpu else None)
+    chunk_mb = chunk_mb_of(cfg)
     mode = PlanMode() if fake else None
     dev = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="exgrpo-plan-") as tmp:
@@ -551,10 +561,9 @@ def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str
                                          "activations": roll["peak_bytes"]}}
     else:
         phases["rollout"]["formula"] = roll
-    for name in ("logprobs", "loss", "optimizer"):
-        if extra_opt:
-            phases[name]["peak_bytes"] += extra_opt
-            phases[name]["by_kind"]["optimizer_state"] += extra_opt
+    for name in ("logprobs", "loss", "optimizer") if extra_opt else ():
+        phases[name]["peak_bytes"] += extra_opt
+        phases[name]["by_kind"]["optimizer_state"] += extra_opt
     return {"phases": {p: phases[p] for p in PHASES}, "scalars_stood_in": mode.scalars if mode else 0,
             "sequences": len(seqs), "sequence_lens": sorted({len(s.ids) for s in seqs}),
             "tokens": sum(len(s.ids) for s in seqs), "micro_batches": len(batch.mbs),
@@ -607,9 +616,7 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
     fits. Each try is one plan. Returns (the chosen config, its plan, every try)."""
     from dataclasses import replace
 
-    from exgrpo.kernels._lmhead import DEFAULT_CHUNK_MB
-    chunk = cfg.chunk_mb or float(DEFAULT_CHUNK_MB["cuda" if cfg.gpu else "cpu"])
-    cur = replace(cfg, auto_fit=False, chunk_mb=chunk)
+    cur = replace(cfg, auto_fit=False, chunk_mb=chunk_mb_of(cfg))
     tries: list[dict[str, Any]] = []
 
     def attempt(c: PlanConfig) -> dict[str, Any]:
@@ -652,10 +659,9 @@ def fit_train_config(cfg: TrainConfig, say=print) -> TrainConfig:
     it will run on (a CUDA run: the GPU's choices and the visible GPU's memory unless --gpu-memory; a CPU run:
     this CPU's choices, --gpu-memory required); the run continues with the chosen settings, which its
     config.json then records."""
-    from dataclasses import fields, replace
+    from dataclasses import replace
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    shared = {f.name for f in fields(PlanConfig)} & {f.name for f in fields(type(cfg))}
-    pc = PlanConfig(**{k: getattr(cfg, k) for k in shared}, model_config=cfg.model, gpu=cuda)
+    pc = PlanConfig.of(cfg, model_config=cfg.model, gpu=cuda)
     chosen, p, _ = auto_fit(pc, say=say)
     knobs = {k: getattr(chosen, k) for k in ("micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
                                              "chunk_mb")}
