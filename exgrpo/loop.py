@@ -71,6 +71,18 @@ def claim(cfg, d: Dist) -> Path:
     return run
 
 
+def auto_fit(cfg, d: Dist, stage: str):
+    """`--auto-fit`: the config with the micro-batch tokens, gradient checkpointing, LM-head chunk budget (and for
+    train the rollout batch) that `exgrpo plan` finds to fit this device (exgrpo.plan.fit_run_config), before
+    anything loads; the run's config.json then records them. Unchanged without --auto-fit."""
+    if not cfg.auto_fit:
+        return cfg
+    if d.on:
+        raise ValueError("--auto-fit plans one device's step; it does not run under torchrun")
+    from exgrpo.plan import fit_run_config
+    return fit_run_config(cfg, stage)
+
+
 def _claim_on_main(run: Path, cfg) -> None:
     claim_folder(run)
     found = _previous_run(run)

@@ -41,13 +41,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from exgrpo.sft import SFTSettings
 from exgrpo.train import TrainConfig
 
 PHASES = ("rollout", "logprobs", "loss", "optimizer")
+STAGE_PHASES = {"train": PHASES, "sft": ("loss", "optimizer")}     # SFT has no rollout and no log-probs pass
 KINDS = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "other")
 GiB = 1 << 30
 ADAMW8BIT_BLOCK = 256        # torchao's default block size: one fp32 scale per block of each 8-bit moment
@@ -63,8 +65,10 @@ ALLOCATOR_RESERVE = 0.05     # the caching allocator's block rounding and fragme
 
 
 @dataclass
-class PlanConfig(TrainConfig):
+class PlanConfig(TrainConfig, SFTSettings):
+    stage: Literal["train", "sft"] = "train"   # the step planned: exgrpo train's, or exgrpo sft's (--batch-size)
     model_config: str = "gemma-7b"          # a config.json, a model folder, or a built-in shape: gemma-7b, small, tiny
+    eager_loss: bool = False                # the loss through materialised [tokens, V] logits (the loss_eager peer)
     gpu: bool = True                        # plan the GPU's choices (off: this CPU's, what --measure checks)
     measure: bool = False                   # also run the step on real tensors here and print both (small models)
     json: str | None = None                 # write the plan as JSON
@@ -480,7 +484,11 @@ def _data(cfg: PlanConfig, shape: dict, folder: Path):
         if not Path(cfg.model_config).is_dir():
             raise PlanError("--probes needs --model-config to be a model folder (its tokenizer measures the lengths)")
         return load_tokenizer(cfg.model_config), load_probe_set(cfg.probes)
-    path = random_probe_set(folder / "probe_set.jsonl", questions=cfg.questions_per_step, k_probes=cfg.k_probes,
+    questions = cfg.questions_per_step
+    if cfg.stage == "sft":                                  # enough questions for one SFT batch
+        per_question = int(cfg.with_original) + cfg.k_probes * int(cfg.with_probes)
+        questions = math.ceil(cfg.batch_size / max(1, per_question))
+    path = random_probe_set(folder / "probe_set.jsonl", questions=questions, k_probes=cfg.k_probes,
                             probe_len=cfg.probe_len, question_len=cfg.question_len, response_len=cfg.response_len,
                             vocab=shape["vocab_size"])
     return word_tokenizer(shape["vocab_size"]), load_probe_set(path)
@@ -509,7 +517,7 @@ def run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool = True) -> di
 def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str, Any]:
     from exgrpo import step as S
     from exgrpo.distributed import SINGLE
-    from exgrpo.policy import Policy
+    from exgrpo.policy import EagerPolicy, Policy
 
     planned_gpu = fake and cfg.gpu
     dtype = torch.bfloat16 if (cfg.dtype == "bf16" or (cfg.dtype == "auto" and cfg.gpu)) else torch.float32
@@ -518,11 +526,17 @@ def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str
     dev = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="exgrpo-plan-") as tmp:
         tok, items = _data(cfg, shape, Path(tmp))
+    context = int(shape.get("max_position_embeddings") or 1 << 30)
+    if cfg.stage == "train":                                # exgrpo train's own refusal, before the plan runs
+        from exgrpo.train import check_lengths
+        check_lengths(items, tok, cfg, context)
+    else:
+        sft_batch = _sft_batch(cfg, tok, items, context)
     model = build_model(shape, cfg, mode, dtype)
     backend = _gpu_backend() if planned_gpu else cfg.backend
     policy = Policy(model, pad_id=tok.pad_token_id, backend=backend, chunk_mb=chunk_mb)
     ref = None
-    if cfg.beta > 0 and not cfg.lora:                       # loop.make_reference: a frozen copy of the start
+    if cfg.stage == "train" and cfg.beta > 0 and not cfg.lora:   # loop.make_reference: a frozen copy of the start
         ref = Policy(build_model(shape, cfg, mode, dtype).eval(), pad_id=tok.pad_token_id, backend=backend,
                      chunk_mb=chunk_mb)
         ref.requires_grad_(False)
@@ -534,8 +548,11 @@ def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str
     with ctx:
         opt = _optimizer(policy, cfg, planned=fake)
         _prime(opt)
-        loss = S.loss_spec(cfg)
         watch = Watch([m for m in (policy, ref) if m is not None], opt)
+        trained = EagerPolicy(policy.model) if cfg.eager_loss else policy     # the loss phase's module
+        if cfg.stage == "sft":
+            return _sft_step(cfg, sft_batch, policy, trained, opt, watch, mode, chunk_mb, dtype, dev)
+        loss = S.loss_spec(cfg)
         shapes = ShapeEngine(tok, cfg.max_new_tokens, cfg.rollout_batch_size, shape["vocab_size"])
         if fake:
             engine = shapes
@@ -554,7 +571,7 @@ def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str
         watch.phase("logprobs")
         batch = S.prepare(policy, seqs, cfg, SINGLE, dev, loss=loss, old=cfg.updates_per_batch > 1, ref_policy=ref)
         watch.phase("loss")
-        S.optimize(policy, opt, batch, seqs, loss, updates=cfg.updates_per_batch, grad_clip=cfg.grad_clip,
+        S.optimize(trained, opt, batch, seqs, loss, updates=cfg.updates_per_batch, grad_clip=cfg.grad_clip,
                    d=SINGLE, dev=dev, mark=lambda name: name == "optimizer" and watch.phase("optimizer"))
         watch.phase(None)
     phases = watch.results
@@ -570,16 +587,43 @@ def _run_step(cfg: PlanConfig, shape: dict[str, Any], *, fake: bool) -> dict[str
                                          "activations": roll["peak_bytes"]}}
     else:
         phases["rollout"]["formula"] = roll
-    for name in ("logprobs", "loss", "optimizer") if extra_opt else ():
+    return _step_result(phases, "train", opt, mode, policy, seqs, batch, chunk_mb, dtype, rollout_calls=shapes.calls)
+
+
+def _sft_batch(cfg: PlanConfig, tok, items, context: int):
+    """exgrpo sft's longest batch: the `batch_size` longest of its sequences (a real epoch shuffles them; the plan
+    takes the batch no shuffle exceeds)."""
+    from exgrpo.sft import sft_sequences
+    seqs = sorted(sft_sequences(items, tok, cfg), key=lambda s: -len(s.ids))[:cfg.batch_size]
+    if len(seqs[0].ids) > context:                          # exgrpo sft's own refusal
+        raise PlanError(f"an SFT sequence has {len(seqs[0].ids)} tokens but the model's context is {context}")
+    return seqs
+
+
+def _sft_step(cfg: PlanConfig, seqs, policy, trained, opt, watch: Watch, mode, chunk_mb, dtype, dev):
+    """exgrpo sft's step (exgrpo/sft.py: prepare + optimize with SFT_LOSS) on its longest batch (`_sft_batch`)."""
+    from exgrpo import step as S
+    from exgrpo.distributed import SINGLE
+    watch.phase("loss")
+    batch = S.prepare(policy, seqs, cfg, SINGLE, dev, loss=S.SFT_LOSS)
+    S.optimize(trained, opt, batch, seqs, S.SFT_LOSS, updates=1, grad_clip=cfg.grad_clip, d=SINGLE, dev=dev,
+               mark=lambda name: name == "optimizer" and watch.phase("optimizer"))
+    watch.phase(None)
+    return _step_result(watch.results, "sft", opt, mode, policy, seqs, batch, chunk_mb, dtype)
+
+
+def _step_result(phases, stage, opt, mode, policy, seqs, batch, chunk_mb, dtype, rollout_calls=None):
+    """The step's phases (with an optimizer state kept by rule added where it is held) and its sizes."""
+    extra_opt = getattr(opt, "state_bytes", 0)
+    for name in (n for n in STAGE_PHASES[stage] if n != "rollout") if extra_opt else ():
         phases[name]["peak_bytes"] += extra_opt
         phases[name]["by_kind"]["optimizer_state"] += extra_opt
-    return {"phases": {p: phases[p] for p in PHASES}, "scalars_stood_in": mode.scalars if mode else 0,
+    return {"phases": {p: phases[p] for p in STAGE_PHASES[stage]}, "scalars_stood_in": mode.scalars if mode else 0,
             "sequences": len(seqs), "sequence_lens": sorted({len(s.ids) for s in seqs}),
             "tokens": sum(len(s.ids) for s in seqs), "micro_batches": len(batch.mbs),
             "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
             "params": sum(p.numel() for p in policy.model.parameters()), "dtype": str(dtype).replace("torch.", ""),
-            "chunk_mb": chunk_mb, "rollout_calls": shapes.calls,
-            "optimizer_rule_bytes": extra_opt}
+            "chunk_mb": chunk_mb, "rollout_calls": rollout_calls or [], "optimizer_rule_bytes": extra_opt}
 
 
 # ============================================================================= the plan
@@ -606,15 +650,26 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
            "overheads": overheads, "phases": step.pop("phases"), "step": step,
            "model": {"config": cfg.model_config, **{k: shape.get(k) for k in (
                "model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")}},
-           "settings": {k: getattr(cfg, k) for k in (
-               "lora", "optimizer", "gradient_checkpointing", "micro_batch_tokens", "rollout_batch_size",
-               "questions_per_step", "group_size", "k_probes", "max_new_tokens", "beta", "aux_coef", "gpu")},
+           "settings": {k: getattr(cfg, k) for k in ("stage", "lora", "optimizer", "gradient_checkpointing",
+                                                      "micro_batch_tokens", "eager_loss", "gpu",
+                                                      *STAGE_SETTINGS[cfg.stage])},
            "attention": "sdpa",
            "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
 
+STAGE_SETTINGS = {"train": ("rollout_batch_size", "questions_per_step", "group_size", "k_probes", "max_new_tokens",
+                             "beta", "aux_coef"),
+                  "sft": ("batch_size", "with_probes", "with_original", "k_probes")}
 MIN_MICRO_BATCH_TOKENS, MIN_CHUNK_MB = 1024, 256
+
+
+def knobs(c: PlanConfig) -> dict[str, Any]:
+    """The settings auto-fit chooses: micro-batch tokens, gradient checkpointing, the LM-head chunk budget, and for
+    exgrpo train the rollout batch."""
+    names = ("micro_batch_tokens", "gradient_checkpointing", "chunk_mb") + (
+        ("rollout_batch_size",) if c.stage == "train" else ())
+    return {k: getattr(c, k) for k in names}
 
 
 def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], list[dict[str, Any]]]:
@@ -622,7 +677,8 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
     search from `cfg`: while the plan does not fit, relieve the phase with the highest peak (the rollout: halve
     rollout_batch_size; the others: gradient checkpointing on, then halve the LM-head chunk budget down to
     256 MB, then halve micro_batch_tokens down to 1024); once one fits, double micro_batch_tokens while it still
-    fits. Each try is one plan. Returns (the chosen config, its plan, every try)."""
+    fits and the step's tokens need more than one micro-batch. Each try is one plan. exgrpo sft's step has no
+    rollout. Returns (the chosen config, its plan, every try)."""
     from dataclasses import replace
 
     cur = replace(cfg, auto_fit=False, chunk_mb=chunk_mb_of(cfg))
@@ -630,15 +686,13 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
 
     def attempt(c: PlanConfig) -> dict[str, Any]:
         p = plan(c)
-        knobs = {k: getattr(c, k) for k in ("micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
-                                            "chunk_mb")}
-        tries.append({**knobs, "peak_bytes": p["peak_bytes"], "fits": p["fits"]})
-        say(f"auto-fit: {knobs} -> {p['peak_bytes'] / GiB:.2f} GiB, {'fits' if p['fits'] else 'does not fit'}")
+        tries.append({**knobs(c), "peak_bytes": p["peak_bytes"], "fits": p["fits"]})
+        say(f"auto-fit: {knobs(c)} -> {p['peak_bytes'] / GiB:.2f} GiB, {'fits' if p['fits'] else 'does not fit'}")
         return p
 
     p = attempt(cur)
     while not p["fits"]:
-        worst = max(PHASES, key=lambda k: p["phases"][k]["peak_bytes"])
+        worst = max(p["phases"], key=lambda k: p["phases"][k]["peak_bytes"])
         if worst == "rollout" and cur.rollout_batch_size > 1:
             cur = replace(cur, rollout_batch_size=cur.rollout_batch_size // 2)
         elif not cur.gradient_checkpointing:
@@ -647,14 +701,13 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
             cur = replace(cur, chunk_mb=max(MIN_CHUNK_MB, cur.chunk_mb / 2))
         elif cur.micro_batch_tokens > MIN_MICRO_BATCH_TOKENS:
             cur = replace(cur, micro_batch_tokens=max(MIN_MICRO_BATCH_TOKENS, cur.micro_batch_tokens // 2))
-        elif cur.rollout_batch_size > 1:
+        elif cur.stage == "train" and cur.rollout_batch_size > 1:
             cur = replace(cur, rollout_batch_size=cur.rollout_batch_size // 2)
         else:
             raise PlanError(f"nothing fits: the smallest setting tried needs {p['peak_bytes'] / GiB:.2f} GiB of "
                             f"{p['usable_bytes'] / GiB:.2f} usable (LoRA, adamw8bit or a larger GPU)")
         p = attempt(cur)
-    longest = max(p["step"]["sequence_lens"])
-    while cur.micro_batch_tokens < 8 * longest * max(1, cfg.group_size):      # bigger: no fewer passes to gain
+    while cur.micro_batch_tokens < p["step"]["tokens"]:     # once one micro-batch holds the step, no pass to save
         bigger = replace(cur, micro_batch_tokens=cur.micro_batch_tokens * 2)
         q = attempt(bigger)
         if not q["fits"]:
@@ -663,20 +716,17 @@ def auto_fit(cfg: PlanConfig, say=print) -> tuple[PlanConfig, dict[str, Any], li
     return cur, p, tries
 
 
-def fit_train_config(cfg: TrainConfig, say=print) -> TrainConfig:
-    """`exgrpo train --auto-fit`: `auto_fit` on this run's own config, model folder and probe set, for the device
-    it will run on (a CUDA run: the GPU's choices and the visible GPU's memory unless --gpu-memory; a CPU run:
-    this CPU's choices, --gpu-memory required); the run continues with the chosen settings, which its
-    config.json then records."""
+def fit_run_config(cfg, stage: str, say=print):
+    """`exgrpo train --auto-fit` / `exgrpo sft --auto-fit`: `auto_fit` on this run's own config (a TrainConfig or
+    SFTConfig), model folder and probe set, for the device it will run on (a CUDA run: the GPU's choices and the
+    visible GPU's memory unless --gpu-memory; a CPU run: this CPU's choices, --gpu-memory required); the run
+    continues with the chosen settings, which its config.json then records."""
     from dataclasses import replace
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    pc = PlanConfig.of(cfg, model_config=cfg.model, gpu=cuda)
-    chosen, p, _ = auto_fit(pc, say=say)
-    knobs = {k: getattr(chosen, k) for k in ("micro_batch_tokens", "rollout_batch_size", "gradient_checkpointing",
-                                             "chunk_mb")}
-    say(f"auto-fit chose {knobs}: planned peak {p['peak_bytes'] / GiB:.2f} GiB of {p['usable_bytes'] / GiB:.2f} "
-        "usable (planned on fake tensors)")
-    return replace(cfg, **knobs)
+    chosen, p, _ = auto_fit(PlanConfig.of(cfg, model_config=cfg.model, gpu=cuda, stage=stage), say=say)
+    say(f"auto-fit chose {knobs(chosen)}: planned peak {p['peak_bytes'] / GiB:.2f} GiB of "
+        f"{p['usable_bytes'] / GiB:.2f} usable (planned on fake tensors)")
+    return replace(cfg, **knobs(chosen))
 
 
 def render(p: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
@@ -686,18 +736,18 @@ def render(p: dict[str, Any], measured: dict[str, Any] | None = None) -> str:
     if measured:
         head += f" {'measured':>8} {'error':>6}"
     lines = [head, "-" * len(head)]
-    for name in PHASES:
-        ph = p["phases"][name]
+    for name, ph in p["phases"].items():
         row = f"{name:10} {gib(ph['peak_bytes'])} " + " ".join(gib(ph["by_kind"][k]) for k in KINDS[:6])
         row += f" {ph['flops'] / 1e12:8.2f}" if ph.get("flops") is not None else "        -"
         if measured:
             m = measured["phases"][name]["peak_bytes"]
             row += f" {gib(m)} {100 * (ph['peak_bytes'] - m) / max(m, 1):5.1f}%"
         lines.append(row)
-    r = p["phases"]["rollout"]["formula"]
-    lines.append(f"rollout by formula: KV cache {r['kv_cache_bytes'] / GiB:.2f} GiB, prefill "
-                 f"{r['prefill_bytes'] / GiB:.2f} GiB, sampler {r['sampler_bytes'] / GiB:.2f} GiB "
-                 f"(batch {r.get('batch', 0)}, longest prompt {r.get('longest_prompt', 0)})")
+    if "rollout" in p["phases"]:
+        r = p["phases"]["rollout"]["formula"]
+        lines.append(f"rollout by formula: KV cache {r['kv_cache_bytes'] / GiB:.2f} GiB, prefill "
+                     f"{r['prefill_bytes'] / GiB:.2f} GiB, sampler {r['sampler_bytes'] / GiB:.2f} GiB "
+                     f"(batch {r.get('batch', 0)}, longest prompt {r.get('longest_prompt', 0)})")
     for k, v in p["overheads"].items():
         if not v:
             continue
@@ -720,9 +770,7 @@ def main_plan(cfg: PlanConfig) -> int:
                         "takes the same ones")
     if cfg.auto_fit:
         cfg, p, tries = auto_fit(cfg)
-        p["auto_fit"] = {"chosen": {k: getattr(cfg, k) for k in ("micro_batch_tokens", "rollout_batch_size",
-                                                                 "gradient_checkpointing", "chunk_mb")},
-                         "tries": tries}
+        p["auto_fit"] = {"chosen": knobs(cfg), "tries": tries}
         chosen = p["auto_fit"]["chosen"]
         print("auto-fit chose: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items()))
     else:

@@ -44,3 +44,26 @@ class Policy(torch.nn.Module):
     def decoder_layers(self):
         causal = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return list(causal.model.layers)
+
+
+class EagerPolicy(torch.nn.Module):
+    """The plain-PyTorch peer of `Policy`'s loss: the model's own forward to [b, T, V] logits, fp32
+    log-softmax, gather, and the reference policy loss (kernels/reference.py) — what a trainer
+    without fused kernels does. Called by exgrpo.batching.loss_and_backward like `Policy`: bench/step.py's
+    loss_eager phase times it and `exgrpo plan --eager-loss` plans it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, targets, *, position_ids=None, mask, advantages, old_logp=None,
+                ref_logp=None, weights=None, sft_mask=None, aux_coef=0.0, eps_low=0.2, eps_high=0.2, beta=0.04,
+                reduction="token_mean", temperature=1.0):
+        from exgrpo.kernels import IGNORE_INDEX
+        from exgrpo.kernels.reference import policy_loss_ref
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).logits
+        logp = (logits.float() / temperature).log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))[..., 0]
+        logp = torch.where(targets != IGNORE_INDEX, logp, torch.zeros_like(logp))
+        return policy_loss_ref(logp, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                               beta=beta, weights=weights, sft_mask=sft_mask, aux_coef=aux_coef, reduction=reduction)

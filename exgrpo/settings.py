@@ -42,6 +42,12 @@ class KernelSettings:
 
 
 @dataclass
+class FitSettings:
+    auto_fit: bool = False                  # micro-batch, checkpointing, LM-head chunk, rollout batch by `exgrpo plan`
+    gpu_memory: str | None = None           # --auto-fit's device memory (141GB, 80GiB); default: the visible GPU's
+
+
+@dataclass
 class OptimSettings:
     lr: float = 1e-5
     weight_decay: float = 0.0

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from exgrpo.settings import KernelSettings, ModelSettings, OptimSettings, Paths, RunSettings, require_positive
+from exgrpo.settings import (
+    FitSettings,
+    KernelSettings,
+    ModelSettings,
+    OptimSettings,
+    Paths,
+    RunSettings,
+    require_positive,
+)
 
 # ============================================================================= config
 
@@ -29,7 +37,7 @@ class SFTSettings:
 
 
 @dataclass
-class SFTConfig(RunSettings, SFTSettings, OptimSettings, KernelSettings, ModelSettings, Paths):
+class SFTConfig(RunSettings, SFTSettings, OptimSettings, FitSettings, KernelSettings, ModelSettings, Paths):
     out: str = "runs/sft"
     lr: float = 1e-4
     warmup_steps: int = 10
@@ -75,6 +83,7 @@ def sft(cfg: SFTConfig) -> Path:
     items = load_probe_set(cfg.probes)
     d, dev = distributed.init(cfg.device)
     loop.claim(cfg, d)                                     # the run folder is this run's, before any load
+    cfg = loop.auto_fit(cfg, d, "sft")                     # --auto-fit: planned on fake tensors, kept in config.json
     model, tok, mixed = loop.load_student(cfg, d, dev)
     seqs = sft_sequences(items, tok, cfg)
     ctx = context_length(model)

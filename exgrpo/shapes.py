@@ -44,14 +44,18 @@ def random_words(g: torch.Generator, n: int, vocab: int) -> str:
 
 def random_probe_set(path: Path, *, questions: int, k_probes: int, probe_len: int, question_len: int,
                      response_len: int, vocab: int) -> Path:
-    """`questions` random-word questions with `k_probes` probes each, in exgrpo probe's probe_set.jsonl format."""
-    g = torch.Generator().manual_seed(0)
+    """`questions` random-word questions with `k_probes` probes each and an R_T, in exgrpo probe's probe_set.jsonl
+    format. The R_Ts come from a generator of their own, so the questions and probes are what they were before
+    the probe set had R_Ts."""
+    g, g_rationale = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     lines = []
     for q in range(questions):
         ex = {"id": f"bench-{q}", "task": "gsm8k", "question": random_words(g, question_len, vocab), "answer": "1"}
         probes = [{"rule": f"rule{j}", "probe": (pr := random_words(g, probe_len, vocab)), "prompt": pr,
                    "response": random_words(g, response_len, vocab), "probe_answer": "1", "kept": True}
                   for j in range(k_probes)]
-        lines.append(json.dumps({"kept": True, "example": ex, "probes": probes}))
+        rationale = random_words(g_rationale, response_len, vocab)                # R_T, for SFT's Q -> R_T pair
+        lines.append(json.dumps({"kept": True, "example": ex, "probes": probes, "rationale": rationale,
+                                 "rationale_source": "teacher"}))
     path.write_text("\n".join(lines) + "\n")
     return path

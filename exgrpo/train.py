@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from exgrpo.settings import KernelSettings, ModelSettings, OptimSettings, Paths, RunSettings, require_positive
+from exgrpo.settings import (
+    FitSettings,
+    KernelSettings,
+    ModelSettings,
+    OptimSettings,
+    Paths,
+    RunSettings,
+    require_positive,
+)
 
 # ============================================================================= config
 
@@ -42,13 +50,10 @@ class ExGRPOSettings:
     beta: float = 0.04                      # KL(π_θ ‖ π_ref) weight, k3 estimator
     aux_coef: float = 0.1                   # λ of the auxiliary teacher-forced SFT loss (0: off)
     updates_per_batch: int = 1
-    # memory
-    auto_fit: bool = False                  # pick micro-batch, rollout batch, checkpointing, chunk by `exgrpo plan`
-    gpu_memory: str | None = None           # --auto-fit's device memory (141GB, 80GiB); default: the visible GPU's
 
 
 @dataclass
-class TrainConfig(RunSettings, ExGRPOSettings, OptimSettings, KernelSettings, ModelSettings, Paths):
+class TrainConfig(RunSettings, ExGRPOSettings, OptimSettings, FitSettings, KernelSettings, ModelSettings, Paths):
     model: str = "runs/sft/export"          # the SFT checkpoint (also the reference policy)
     out: str = "runs/exgrpo"
 
@@ -70,17 +75,13 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     items = load_probe_set(cfg.probes)                      # fails on an empty probe set, before any compute
     d, dev = distributed.init(cfg.device)
     loop.claim(cfg, d)                                     # the run folder is this run's, before any load
-    if cfg.auto_fit:                                       # planned on fake tensors, then written to config.json
-        if d.on:
-            raise ValueError("--auto-fit plans one device's step; it does not run under torchrun")
-        from exgrpo.plan import fit_train_config
-        cfg = fit_train_config(cfg)
+    cfg = loop.auto_fit(cfg, d, "train")                   # --auto-fit: planned on fake tensors, kept in config.json
     if cfg.questions_per_step % d.world:
         raise ValueError(f"questions_per_step={cfg.questions_per_step} must be a multiple of the "
                          f"{d.world} processes (each question's group stays on one rank)")
     model, tok, mixed = loop.load_student(cfg, d, dev)
     ctx = context_length(model)
-    _check_lengths(items, tok, cfg, ctx)
+    check_lengths(items, tok, cfg, ctx)
     policy = loop.make_policy(model, tok, cfg, d, dev, mixed)
     ref = loop.make_reference(cfg, model, tok, d, dev, mixed)      # π_ref: the SFT checkpoint
     run = loop.start(cfg, d, dev, policy, tok, total_steps=cfg.steps)
@@ -157,7 +158,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ValueError(f"partial_probes must be >= 0 or none, got {cfg.partial_probes}")
 
 
-def _check_lengths(items, tok, cfg: TrainConfig, ctx: int) -> None:
+def check_lengths(items, tok, cfg: TrainConfig, ctx: int) -> None:
     """A dialogue that cannot fit the context is an error now, not after hours of rollouts."""
     from exgrpo.dialogues import dialogue
     worst = 0

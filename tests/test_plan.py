@@ -130,3 +130,52 @@ def test_train_auto_fit_plans_the_run_and_records_the_choice(tiny_student, probe
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["micro_batch_tokens"], saved["gradient_checkpointing"], saved["chunk_mb"]) != (4096, False, None)
     assert saved["auto_fit"] is True and out.is_dir()
+
+
+def test_the_sft_plan_matches_the_same_step_on_real_tensors(tmp_path):
+    """exgrpo sft's step (no rollout, no log-probs pass) on its longest batch, several micro-batches."""
+    cfg = PlanConfig(model_config="tiny", stage="sft", batch_size=7, **{**STEP, "micro_batch_tokens": 48})
+    shape = load_shape("tiny")
+    planned, measured = run_step(cfg, shape, fake=True), run_step(cfg, shape, fake=False)
+    assert set(planned["phases"]) == {"loss", "optimizer"} and planned["sequences"] == 7
+    assert planned["micro_batches"] > 1 and planned["sequence_lens"] == measured["sequence_lens"]
+    for phase in ("loss", "optimizer"):
+        p, m = planned["phases"][phase], measured["phases"][phase]
+        assert m["peak_bytes"] > 0 and abs(p["peak_bytes"] - m["peak_bytes"]) <= 0.05 * m["peak_bytes"], phase
+        assert p["flops"] == m["flops"], phase
+    # The batch planned is the longest one: the 7 longest of the SFT sequences (Q -> R_T and each probe's).
+    from exgrpo.plan import _data
+    from exgrpo.sft import sft_sequences
+    tok, items = _data(cfg, shape, tmp_path)
+    lens = sorted((len(s.ids) for s in sft_sequences(items, tok, cfg)), reverse=True)
+    assert len(lens) > 7 and planned["tokens"] == sum(lens[:7])
+
+
+def test_the_materialised_logits_peer_is_planned_and_measured_alike():
+    """--eager-loss: the loss phase through [tokens, V] fp32 logits (bench/step.py's loss_eager peer). At a
+    vocabulary where the fused kernel's chunk is far smaller than the logits, the peer's loss phase holds at least
+    one fp32 [tokens, V] tensor more than exgrpo's."""
+    shape = {**load_shape("tiny"), "vocab_size": 20000}
+    base = dict(model_config="tiny", **{**STEP, "beta": 0.0}, chunk_mb=1.0)
+    eager = PlanConfig(**base, eager_loss=True)
+    planned, measured = run_step(eager, shape, fake=True), run_step(eager, shape, fake=False)
+    p, m = planned["phases"]["loss"], measured["phases"]["loss"]
+    assert abs(p["peak_bytes"] - m["peak_bytes"]) <= 0.05 * m["peak_bytes"] and p["flops"] == m["flops"]
+    fused = run_step(PlanConfig(**base), shape, fake=True)["phases"]["loss"]["peak_bytes"]
+    mb_tokens = min(STEP["micro_batch_tokens"], planned["tokens"])
+    assert p["peak_bytes"] - fused >= 4 * shape["vocab_size"] * mb_tokens // 2, (p["peak_bytes"], fused)
+
+
+def test_sft_auto_fit_plans_the_run_and_records_the_choice(tiny_student, probe_dir, tmp_path):
+    from exgrpo.plan import plan
+    from exgrpo.sft import SFTConfig, sft
+    run = dict(model=str(tiny_student), probes=str(probe_dir), out=str(tmp_path / "sft"), epochs=0.1, batch_size=16,
+               micro_batch_tokens=4096, progress=False, device="cpu")
+    first = plan(PlanConfig.of(SFTConfig(**run), model_config=str(tiny_student), stage="sft", gpu=False,
+                               gpu_memory="1GB"))
+    assert set(first["phases"]) == {"loss", "optimizer"}
+    budget = int(0.9 * first["peak_bytes"] / (1 - 0.05))          # the given setting cannot fit: something changes
+    sft(SFTConfig(**run, auto_fit=True, gpu_memory=str(budget)))
+    saved = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert (saved["micro_batch_tokens"], saved["gradient_checkpointing"], saved["chunk_mb"]) != (4096, False, None)
+    assert saved["auto_fit"] is True and "rollout_batch_size" not in saved
