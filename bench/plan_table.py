@@ -38,7 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model-config", default="gemma-7b")
     ap.add_argument("--no-search", action="store_true", help="the bench shape and its peer only, no G/length search")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "plan_gemma7b.json"))
+    ap.add_argument("--print-only", action="store_true", help="print the table of the JSON at --out, plan nothing")
     a = ap.parse_args(argv)
+    if a.print_only:
+        print(table(json.loads(Path(a.out).read_text())["rows"]))
+        return 0
     rows = []
     for name, setup in ROWS:
         for ckpt in (True, False):
@@ -123,7 +127,10 @@ def largest(found: dict | None) -> str:
     v, tried = found["value"], found["tried"]
     if v is None:
         return f"none (not even {tried[0]})"
-    return f"≥ {v}" if v == tried[-1] else str(v)
+    if v == tried[-1]:
+        return f"≥ {v} (the largest tried)"
+    nxt = next(t for t in found["tries"] if t[next(iter(t))] == tried[tried.index(v) + 1])
+    return f"{v} ({tried[tried.index(v) + 1]}: past the context)" if "refused" in nxt else str(v)
 
 
 if __name__ == "__main__":
