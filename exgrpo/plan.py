@@ -50,6 +50,9 @@ from exgrpo.train import TrainConfig
 
 PHASES = ("rollout", "logprobs", "loss", "optimizer")
 STAGE_PHASES = {"train": PHASES, "sft": ("loss", "optimizer")}     # SFT has no rollout and no log-probs pass
+STAGE_SETTINGS = {"train": ("rollout_batch_size", "questions_per_step", "group_size", "k_probes", "max_new_tokens",
+                            "beta", "aux_coef"),
+                  "sft": ("batch_size", "with_probes", "with_original", "k_probes")}     # in the plan's JSON
 KINDS = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "other")
 GiB = 1 << 30
 ADAMW8BIT_BLOCK = 256        # torchao's default block size: one fp32 scale per block of each 8-bit moment
@@ -82,7 +85,7 @@ class PlanConfig(TrainConfig, SFTSettings):
     max_new_tokens: int = 128
     rollout_batch_size: int = 16
     out: str = ""                           # unused by plan (the train flags are accepted as they are)
-    # gpu_memory and auto_fit are exgrpo train's own fields (TrainConfig), the same here
+    # gpu_memory and auto_fit are the training commands' own (exgrpo.settings.FitSettings), the same here
 
     @classmethod
     def of(cls, train: TrainConfig, **overrides) -> PlanConfig:
@@ -615,9 +618,10 @@ def _sft_step(cfg: PlanConfig, seqs, policy, trained, opt, watch: Watch, mode, c
 def _step_result(phases, stage, opt, mode, policy, seqs, batch, chunk_mb, dtype, rollout_calls=None):
     """The step's phases (with an optimizer state kept by rule added where it is held) and its sizes."""
     extra_opt = getattr(opt, "state_bytes", 0)
-    for name in (n for n in STAGE_PHASES[stage] if n != "rollout") if extra_opt else ():
-        phases[name]["peak_bytes"] += extra_opt
-        phases[name]["by_kind"]["optimizer_state"] += extra_opt
+    for name in STAGE_PHASES[stage]:
+        if extra_opt and name != "rollout":             # the planned rollout already counts it
+            phases[name]["peak_bytes"] += extra_opt
+            phases[name]["by_kind"]["optimizer_state"] += extra_opt
     return {"phases": {p: phases[p] for p in STAGE_PHASES[stage]}, "scalars_stood_in": mode.scalars if mode else 0,
             "sequences": len(seqs), "sequence_lens": sorted({len(s.ids) for s in seqs}),
             "tokens": sum(len(s.ids) for s in seqs), "micro_batches": len(batch.mbs),
@@ -658,9 +662,6 @@ def plan(cfg: PlanConfig) -> dict[str, Any]:
     return out
 
 
-STAGE_SETTINGS = {"train": ("rollout_batch_size", "questions_per_step", "group_size", "k_probes", "max_new_tokens",
-                             "beta", "aux_coef"),
-                  "sft": ("batch_size", "with_probes", "with_original", "k_probes")}
 MIN_MICRO_BATCH_TOKENS, MIN_CHUNK_MB = 1024, 256
 
 
