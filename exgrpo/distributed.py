@@ -22,6 +22,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: bool = False                          # joined the process group torchrun set up (even a world of 1)
 
     @property
     def main(self) -> bool:
@@ -29,7 +30,8 @@ class Dist:
 
     @property
     def on(self) -> bool:
-        return self.world > 1 or dist.is_initialized()
+        # Ours, not torch.distributed.is_initialized(): a colocated vLLM engine sets up a process group of its own.
+        return self.world > 1 or self.group
 
 
 SINGLE = Dist()                                  # one process, no process group
@@ -44,10 +46,11 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> tuple[Dist, torch.de
     dev = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(dev)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+    group = "WORLD_SIZE" in os.environ
+    if group and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if cuda else None)
-    return Dist(rank, world, local), dev
+    return Dist(rank, world, local, group), dev
 
 
 def close() -> None:

