@@ -36,3 +36,14 @@ def propagated_error(grad, inputs, inputs_ref) -> float:
 def assert_all_like_eager(names, outs, refs, eagers, label, factor=2.0):
     for name, o, r, e in zip(names, outs, refs, eagers, strict=True):
         assert_like_eager(o, r, e, f"{label} {name}", factor)
+
+
+def exported_weights(folder) -> dict:
+    """Every tensor of the safetensors files in a model folder (an export, a checkpoint's model/)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

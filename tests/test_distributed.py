@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from _helpers import exported_weights
 
 from exgrpo import checkpoint
 
@@ -26,18 +26,11 @@ def torchrun(nproc, kind, cfg, *extra, timeout=600):
     return r, time.time() - t0
 
 
-def weights(folder):
-    sd = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    return sd
-
-
 def assert_same_weights(a, b, what, init):
     """Equal up to fp32 reduction order. AdamW divides by sqrt(v), so a last-bit difference in a
     near-zero gradient can move its weight visibly: the yardstick is the size of the update itself
     (a real divergence moves weights by the whole update, ~lr per step)."""
-    wa, wb, w0 = weights(a), weights(b), weights(init)
+    wa, wb, w0 = exported_weights(a), exported_weights(b), exported_weights(init)
     assert wa.keys() == wb.keys()
     for k in wa:
         update = (wa[k] - w0[k]).abs().max().item()
@@ -62,8 +55,8 @@ def one_proc_run(tiny_student, probe_dir, tmp_path_factory):
 def test_exgrpo_two_processes_equal_one(one_proc_run, tiny_student, probe_dir, tmp_path):
     r, _ = torchrun(2, "train", train_cfg(tiny_student, probe_dir, tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
-    before = weights(tiny_student)
-    after = weights(one_proc_run / "export")
+    before = exported_weights(tiny_student)
+    after = exported_weights(one_proc_run / "export")
     assert any(not torch.equal(before[k], after[k]) for k in before), "the run must train"
     assert_same_weights(one_proc_run / "export", tmp_path / "two" / "export", "2 vs 1 processes", tiny_student)
     m1 = [json.loads(x) for x in (one_proc_run / "metrics.jsonl").read_text().splitlines()]
@@ -145,6 +138,6 @@ def test_torchrun_cli_with_real_generation(tiny_student, probe_dir, tmp_path, lo
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2] and all(not x["skipped"] for x in recs)
     assert checkpoint.latest(out).name == "ckpt-000002"
-    before, after = weights(tiny_student), weights(out / "export")
+    before, after = exported_weights(tiny_student), exported_weights(out / "export")
     assert before.keys() == after.keys(), "the export is a plain model (LoRA merged)"
     assert any(not torch.equal(before[k], after[k]) for k in before)

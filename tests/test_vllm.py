@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import exported_weights
 
 from exgrpo import step as S
 from exgrpo.demo import DemoConfig
@@ -191,14 +192,6 @@ def test_sleep_mode_where_the_platform_has_it_and_a_message_where_not(engine, st
         assert "has no sleep mode" in caplog.text
 
 
-def _weights(folder):
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_exgrpo_train_engine_vllm_end_to_end_and_resume_is_bit_identical(engine, student, probe_dir, tmp_path):
     """`exgrpo train --engine vllm` (the command line) for 2 steps, resumed to 4 in this process, equals 4 steps
     uninterrupted: the engine's sampling is seeded per step."""
@@ -215,13 +208,13 @@ def test_exgrpo_train_engine_vllm_end_to_end_and_resume_is_bit_identical(engine,
     assert json.loads((tmp_path / "b" / "config.json").read_text())["engine"] == "vllm"
     resumed = train(TrainConfig(**kw, steps=4, out=str(tmp_path / "b"), resume=True))
     full = train(TrainConfig(**kw, steps=4, out=str(tmp_path / "a")))
-    wa, wb = _weights(full), _weights(resumed)
+    wa, wb = exported_weights(full), exported_weights(resumed)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
     strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in p.read_text().splitlines()]
     assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
-    w0 = _weights(student)
+    w0 = exported_weights(student)
     assert any(not torch.equal(w0[k], wa[k]) for k in w0), "four steps left every weight as it was"
 
 
