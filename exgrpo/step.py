@@ -140,10 +140,30 @@ class Advantages(NamedTuple):
     fired: torch.Tensor                 # [Q] bool, the DSU condition P_full > ν·P_partial
 
 
-def advantages(rew: Rewards, cfg) -> Advantages:
+def advantages(rew: Rewards, cfg, *, bonus: bool | None = None) -> Advantages:
+    """The step's advantages; `bonus` (default: cfg.bonus) False computes them without the DSU bonus."""
     from exgrpo.kernels import exgrpo_advantages
-    return Advantages(*exgrpo_advantages(rew.outcome, rew.is_full, delta=cfg.delta if cfg.bonus else 0.0, nu=cfg.nu,
+    on = cfg.bonus if bonus is None else bonus
+    return Advantages(*exgrpo_advantages(rew.outcome, rew.is_full, delta=cfg.delta if on else 0.0, nu=cfg.nu,
                                          scale=cfg.scale, group_by=cfg.group_by))
+
+
+class AdvantageStats(NamedTuple):
+    nonzero: int                        # questions whose 2G trajectories have a non-zero advantage (a signal)
+    bonus_changed: int                  # questions in which the bonus moved an advantage, against the same step
+                                        # without it (with pooled z-scores and 0/1 rewards it moves one only where
+                                        # both scenarios have a correct answer)
+
+
+def advantage_stats(rew: Rewards, adv: Advantages, cfg) -> AdvantageStats:
+    """How many of the step's questions carry a learning signal, and in how many the bonus changed it: far
+    beyond fp32 rounding (1e-5), since z-scores of two values are the same whatever the bonus adds."""
+    nonzero = int((adv.adv != 0).any(1).sum())
+    if not (cfg.bonus and cfg.delta):
+        return AdvantageStats(nonzero, 0)
+    plain = advantages(rew, cfg, bonus=False).adv
+    changed = ~torch.isclose(adv.adv, plain, rtol=1e-5, atol=1e-5).all(1)
+    return AdvantageStats(nonzero, int(changed.sum()))
 
 
 # ============================================================================= sequences

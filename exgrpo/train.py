@@ -122,6 +122,7 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
             # ===================================================================== reward + advantage
             rew = S.reward(plan, rollouts, reward_fn)
             adv = S.advantages(rew, cfg)
+            stats = S.advantage_stats(rew, adv, cfg)
 
             # ===================================================================== loss + step
             seqs = S.sequences(plan, rollouts, adv, tok, cfg)
@@ -134,12 +135,13 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
 
             # ===================================================================== log + checkpoint
             o = rew.outcome
-            n_q, s_tot, s_out, s_full, s_part, n_fired = distributed.all_sum(
+            n_q, s_tot, s_out, s_full, s_part, n_fired, n_signal, n_bonus = distributed.all_sum(
                 [len(plan.questions), float(adv.total.sum()), float(o.sum()), float(o[:, :G].sum()),
-                 float(o[:, G:].sum()), float(adv.fired.sum())], d, dev)
+                 float(o[:, G:].sum()), float(adv.fired.sum()), stats.nonzero, stats.bonus_changed], d, dev)
             rec = {"step": step + 1, "reward": s_tot / (n_q * 2 * G), "acc": s_out / (n_q * 2 * G),
                    "acc_full": s_full / (n_q * G), "acc_partial": s_part / (n_q * G),
-                   "dsu_fire_rate": n_fired / n_q, **m, "grad_norm": upd.grad_norm,
+                   "dsu_fire_rate": n_fired / n_q, "adv_nonzero_frac": n_signal / n_q,
+                   "bonus_changed_frac": n_bonus / n_q, **m, "grad_norm": upd.grad_norm,
                    "lr": float(run.sched.get_last_lr()[0]), "padding_frac": batch.padding / max(1, batch.tokens),
                    "skipped": upd.skipped,
                    "seconds": time.time() - t0}
@@ -148,8 +150,8 @@ def train(cfg: TrainConfig, *, engine=None, reward_fn=None) -> Path:
             run.end_step(step, rec, upd)
 
     export = run.export()
-    run.plot(["reward", "acc", "acc_full", "acc_partial", "dsu_fire_rate", "kl", "clip_frac_low", "clip_frac_high",
-              "aux_nll", "loss", "grad_norm"], "ExGRPO")
+    run.plot(["reward", "acc", "acc_full", "acc_partial", "dsu_fire_rate", "adv_nonzero_frac", "bonus_changed_frac",
+              "kl", "clip_frac_low", "clip_frac_high", "aux_nll", "loss", "grad_norm"], "ExGRPO")
     run.close()
     return export
 

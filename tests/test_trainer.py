@@ -10,19 +10,12 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from _helpers import exported_weights
 
 from exgrpo import checkpoint
 from exgrpo.models import ModelError, load_model
 from exgrpo.sft import SFTConfig, sft
 from exgrpo.train import TrainConfig, train
-
-
-def weights(folder):
-    sd = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    return sd
 
 
 def small_train(model, probes, out, **kw):
@@ -37,7 +30,7 @@ def test_sft_learns_and_exports(tiny_student, probe_dir, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["nll"])) for r in recs)
     assert recs[-1]["nll"] < recs[0]["nll"] - 0.3, "SFT must reduce the NLL"
-    before, after = weights(tiny_student), weights(out)
+    before, after = exported_weights(tiny_student), exported_weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     m = load_model(out)                                          # the export loads with from_pretrained
     assert m.config.vocab_size == load_model(tiny_student).config.vocab_size
@@ -50,7 +43,7 @@ def test_exgrpo_steps_are_finite_and_move_the_parameters(tiny_student, probe_dir
     assert [r["step"] for r in recs] == [1, 2, 3]
     assert all(not r["skipped"] and r["loss"] == r["loss"] for r in recs)
     assert all(r["n_tokens"] > 0 and r["n_sft_tokens"] > 0 for r in recs)
-    before, after = weights(tiny_student), weights(out)
+    before, after = exported_weights(tiny_student), exported_weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     cfg = json.loads((tmp_path / "rl" / "config.json").read_text())
     assert cfg["group_size"] == 2 and cfg["delta"] == 0.5
@@ -64,7 +57,7 @@ def test_resume_is_bit_identical(tiny_student, probe_dir, tmp_path):
     train(small_train(tiny_student, probe_dir, tmp_path / "b", **{**kw, "steps": 2}))
     (tmp_path / "b" / "export").rename(tmp_path / "b-export-at-2")
     resumed = train(small_train(tiny_student, probe_dir, tmp_path / "b", **kw, resume=True))
-    wa, wb = weights(full), weights(resumed)
+    wa, wb = exported_weights(full), exported_weights(resumed)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
@@ -140,7 +133,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_student, probe_dir
     run = tmp_path / "nan"
     train(small_train(tiny_student, probe_dir, run, steps=1))
     good = checkpoint.latest(run)
-    w_good = weights(good / "model")
+    w_good = exported_weights(good / "model")
     real = B.loss_and_backward
 
     def poisoned(*a, **k):
@@ -153,7 +146,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_student, probe_dir
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in recs] == [False, True, True, True]
     assert checkpoint.latest(run) == good
-    w_now = weights(checkpoint.latest(run) / "model")
+    w_now = exported_weights(checkpoint.latest(run) / "model")
     assert all(torch.equal(w_good[k], w_now[k]) for k in w_good)
 
 
@@ -183,6 +176,8 @@ def test_reward_and_bonus_wiring(tiny_student, probe_dir, tmp_path):
         assert r["acc_full"] == 1.0 and r["acc_partial"] == 0.0
         assert r["dsu_fire_rate"] == 1.0
         assert r["reward"] == pytest.approx((3 * 1.5 + 3 * 0.0) / 6)   # R_base + δ on every correct A
+        # a signal in every group, but z-scores of two values are the same whatever δ adds: the bonus moved none
+        assert r["adv_nonzero_frac"] == 1.0 and r["bonus_changed_frac"] == 0.0
     # without the bonus the same outcomes earn R_base only, and the firing is still reported
     train(small_train(tiny_student, probe_dir, tmp_path / "nb", steps=1, k_probes=3, group_size=3, bonus=False),
           engine=eng)
@@ -325,7 +320,7 @@ def test_adamw8bit_trains_checkpoints_and_resumes(tiny_student, probe_dir, tmp_p
     train(small_train(tiny_student, probe_dir, tmp_path / "b", **{**kw, "steps": 1}))
     resumed = train(small_train(tiny_student, probe_dir, tmp_path / "b", **kw, resume=True))
     assert latest(tmp_path / "b").name.endswith("2")
-    wa, wb, w0 = weights(full), weights(resumed), weights(tiny_student)
+    wa, wb, w0 = exported_weights(full), exported_weights(resumed), exported_weights(tiny_student)
     assert wa.keys() == wb.keys()
     assert any(not torch.equal(wa[k], w0[k]) for k in wa), "the 8-bit optimizer must move the weights"
     for k in wa:
@@ -343,3 +338,18 @@ def test_exgrpo_trains_on_packed_micro_batches_by_default(tiny_student, probe_di
     assert rp["padding_frac"] <= rq["padding_frac"]
     assert rp["n_tokens"] == rq["n_tokens"] and rp["n_sft_tokens"] == rq["n_sft_tokens"]
     assert rp["loss"] == pytest.approx(rq["loss"], rel=1e-3)
+
+
+def test_advantage_stats_count_the_groups_with_a_signal_and_those_the_bonus_moved():
+    from exgrpo import step as S
+    G = 3
+    # A's G then B's G per question: fires and moves (three distinct totals); fires, moves nothing (two values);
+    # no signal at all
+    outcome = torch.tensor([[1., 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    rew = S.Rewards(outcome, torch.tensor([[True] * G + [False] * G] * 3))
+    cfg = TrainConfig(model="m", probes="p")
+    adv = S.advantages(rew, cfg)
+    assert adv.fired.tolist() == [True, True, False]
+    assert S.advantage_stats(rew, adv, cfg) == (2, 1)
+    off = TrainConfig(model="m", probes="p", bonus=False)
+    assert S.advantage_stats(rew, S.advantages(rew, off), off) == (2, 0)
