@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _helpers import exported_weights
 
 from exgrpo import checkpoint, loop
 from exgrpo.cli import main as cli_main
 from exgrpo.distributed import SINGLE
 from exgrpo.train import train
-from tests.test_trainer import small_train, weights
+from tests.test_trainer import small_train
 
 KW = dict(steps=3, schedule="constant", keep_checkpoints=3)
 
@@ -29,7 +30,7 @@ def _strip(run):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_student, probe_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("rel") / "a"
-    return run, weights(train(small_train(tiny_student, probe_dir, run, **KW)))
+    return run, exported_weights(train(small_train(tiny_student, probe_dir, run, **KW)))
 
 
 def _truncate_a_shard(ckpt):
@@ -54,7 +55,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_ends_bit_identical(case, uni
     (run / "export").rename(tmp_path / "first-export")
     DAMAGE[case](run)
     capsys.readouterr()
-    wb = weights(train(small_train(tiny_student, probe_dir, run, **KW, resume=True)))
+    wb = exported_weights(train(small_train(tiny_student, probe_dir, run, **KW, resume=True)))
     out = capsys.readouterr().out
     assert "resume: from ckpt-000002" in out and ("damaged" in out or "deleted" in case)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -155,7 +156,7 @@ def test_sigterm_saves_the_finished_steps_and_the_resume_is_bit_identical(uninte
     assert "SIGTERM: stopping at the end of this step" in out
     assert checkpoint.latest(run).name == f"ckpt-{done:06d}"            # the step in progress finished, then saved
     if done < 3:
-        wb = weights(train(small_train(tiny_student, probe_dir, run, **KW, resume=True)))
+        wb = exported_weights(train(small_train(tiny_student, probe_dir, run, **KW, resume=True)))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
         assert _strip(run) == _strip(a)
 
