@@ -19,6 +19,7 @@ Engines:
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -205,7 +206,6 @@ class VLLMEngine:
     def __init__(self, model_dir: str, tokenizer, *, max_new_tokens: int = 512, temperature: float = 1.0,
                  gpu_memory_utilization: float = 0.35, seed: int = 0, dtype: str = "auto",
                  max_model_len: int | None = None, **engine_kwargs):
-        import os
         # The engine runs in this process (vLLM would otherwise start its engine core in a child process, where
         # the trainer's weights are out of reach of a plain in-memory reload).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -274,12 +274,8 @@ class VLLMEngine:
 
 def _checkpoint_weights(model):
     """(name, tensor) as the checkpoint on disk names them. A peft model: its base_model.model. prefix and .base_layer
-    infix removed, its adapters left out and their delta added to the weight of the layer they adapt."""
-    from exgrpo.models import is_lora
-    if not is_lora(model):
-        for k, v in model.state_dict().items():
-            yield k, v.detach()
-        return
+    infix removed, its adapters left out and their delta added to the weight of the layer they adapt (a plain
+    model has none of these names and passes through as it is)."""
     for k, v in model.state_dict().items():
         if "lora_" in k:
             continue
