@@ -75,6 +75,24 @@ def test_oracle_run_is_all_correct_and_one_record_per_question(tmp_path):
     assert len(_lines(tmp_path / RATIONALE_FILE)) == 18 and res.rationale_attempts_done == 18
 
 
+def test_filter1_drops_the_probes_a_slipping_oracle_got_wrong(tmp_path):
+    """A fallible oracle (slip_rate 0.3): filter 1's re-check finishes Q from each probe's stated answer, so it
+    drops the slipped probes (bar the rare "why" whose wrong operation gives the same count) and keeps the rest."""
+    run_pipeline(_items(20) + _items(6, "ood"), OracleTeacher(slip_rate=0.3), RULES, tmp_path, workers=3)
+    slipped = kept_slipped = 0
+    for u in _lines(tmp_path / LOG_FILE):
+        ex = next(e for _, e in _items(20) + _items(6, "ood") if e.id == u["example_id"])
+        right = synthetic.oracle_probe(ex, u["rule"]).answer
+        assert u["status"] == "ok"
+        if u["probe_answer"] != right:
+            slipped += 1
+            kept_slipped += u["consistent"]
+            assert not u["consistent"] or u["rule"] == "why", u
+        else:
+            assert u["consistent"], u
+    assert 0.2 * 260 < slipped < 0.4 * 260 and kept_slipped <= slipped // 10
+
+
 class FlakyTeacher(OracleTeacher):
     """The oracle, with one kind of bad output per rule."""
 
@@ -275,6 +293,7 @@ class RTTeacher(OracleTeacher):
     written in its own words so that it differs from the dataset's rationale. Counts calls per question."""
 
     def __init__(self, wrong=None):
+        super().__init__()
         self.wrong = wrong or {}
         self.lock = threading.Lock()
         self.solves, self.writes = Counter(), Counter()

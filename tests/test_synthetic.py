@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from exgrpo.tasks import get_task
+from exgrpo.tasks import Example, get_task
 from exgrpo.tasks import synthetic as syn
 from exgrpo.tasks.answers import extract_short, short_equal
 
@@ -57,7 +57,9 @@ def test_splits_differ_as_documented():
     kinds = {k: [e for e in ood if e.meta["kind"] == k] for k in syn.OOD_KINDS}
     assert all(len(v) == 100 for v in kinds.values())
     assert all(len(e.meta["program"]["steps"]) >= 4 for e in kinds["ood_steps"])
-    assert all(e.meta["program"]["start"] >= 100 for e in kinds["ood_numbers"])
+    held_words = {w for e in held for w in re.findall(r"[A-Za-z]+", e.question)}
+    assert all(e.question.split()[0] not in held_words for e in kinds["ood_names"])     # an unseen person
+    assert all(e.question.split()[2] not in held_words for e in kinds["ood_names"])     # and an unseen item
     assert all(e.meta["program"]["reverse"] and "at the start?" in e.question for e in kinds["ood_reverse"])
     assert not {e.question for e in held} & {e.question for e in ood}
 
@@ -73,31 +75,32 @@ def _recompute(e, probe) -> str:
     independently of the oracle's text."""
     p = e.meta["program"]
     s = syn.states(p)
+    n = len(p["steps"])
+    j = 1 if p["reverse"] else n - 1                       # the state next to the known end
     r, prm = probe.rule, probe.params
     if r == "why":
         return {"add": "add", "sub": "subtract", "mul": "multiply"}[p["steps"][prm["step"]][0]]
     if r == "cause_effect":
         return str(s[prm["step"] + 1] - s[prm["step"]])
     if r == "process":
-        return str(s[1])
+        return str(s[n - 1] if p["reverse"] else s[1])
     if r == "counterfactual":
-        if p["reverse"]:
-            # search the start whose run ends at new_end
-            return str(next(x for x in range(0, 10 ** 5)
-                            if syn.states({**p, "start": x})[-1] == prm["new_end"]))
-        return str(syn.states({**p, "start": prm["new_start"]})[-1])
+        if p["reverse"]:   # search the start whose run ends at new_end, then run it one step
+            x = next(x for x in range(0, 10 ** 5) if syn.states({**p, "start": x})[-1] == prm["new_end"])
+            return str(syn.states({**p, "start": x})[1])
+        return str(syn.states({**p, "start": prm["new_start"]})[n - 1])
     if r == "comparison":
-        return str(s[-1] - s[0])
+        return str(s[n] - s[1] if p["reverse"] else s[n - 1] - s[0])
     if r == "hypothesis":
-        return "yes" if (s[0] if p["reverse"] else s[-1]) > prm["threshold"] else "no"
+        return "yes" if s[j] > prm["threshold"] else "no"
     if r == "decomposition":
-        return str(s[-2])
+        return str(s[j])
     if r == "explanatory_challenge":
         return "yes" if s[prm["step"] + 1] == prm["claim"] else "no"
     if r == "inverse":
-        return str(s[-1] if p["reverse"] else s[0])
+        return str(s[n] if p["reverse"] else s[0])
     if r == "assumption":
-        return str(min(s))
+        return str(min(s[1:n]))
     raise AssertionError(r)
 
 
@@ -117,6 +120,72 @@ def test_oracle_probes_are_all_correct(split):
     # yes/no rules must produce both verdicts, or they test nothing
     assert seen_answers["hypothesis"] >= {"yes", "no"}
     assert seen_answers["explanatory_challenge"] >= {"yes", "no"}
+
+
+def _with_other_end(e):
+    """The same example (same id, so the same probe choices) with the answer changed and everything the
+    probes may use kept: forward problems get another amount in their last add/sub step; reversed ones
+    another first add/sub step and the start that keeps every later count."""
+    p = e.meta["program"]
+    steps = [list(x) for x in p["steps"]]
+    i = 0 if p["reverse"] else len(steps) - 1
+    if steps[i][0] == "mul":
+        return None
+    s = syn.states(p)
+    for m in range(1, 10):
+        if m == steps[i][1]:
+            continue
+        steps[i][1] = m
+        if p["reverse"]:
+            start = s[1] - m if steps[i][0] == "add" else s[1] + m
+            if start < 0:
+                continue
+            q = {**p, "start": start, "steps": steps}
+        else:
+            q = {**p, "steps": steps}
+            if syn.states(q)[-1] < 0:
+                continue
+        return Example(e.id, e.task, syn.question_text(q), str(syn.answer_of(q)), (), syn.rationale_text(q),
+                       {**e.meta, "program": q})
+    return None
+
+
+@pytest.mark.parametrize("split", ["held_in", "ood"])
+def test_no_probe_states_or_needs_the_answer(split):
+    """A probe depends only on the counts strictly between the start and the end: change the answer (and
+    nothing a probe may use) and every probe's own text, worked answer and answer stay the same."""
+    tested = 0
+    for e in syn.generate(80, split, seed=4):
+        f = _with_other_end(e)
+        if f is None:
+            continue
+        assert f.answer != e.answer
+        for rule in syn.RULES:
+            a, b = syn.oracle_probe(e, rule), syn.oracle_probe(f, rule)
+            assert a.question.split("\n", 1)[1] == b.question.split("\n", 1)[1], rule
+            assert (a.response, a.answer) == (b.response, b.answer), rule
+            tested += 1
+    assert tested >= 200
+
+
+@pytest.mark.parametrize("split", ["held_in", "ood"])
+def test_through_probe_finishes_from_the_probe_answer(split):
+    """Filter 1's oracle re-check: the right probe answer leads to the gold answer; a slipped one (see
+    OracleTeacher) to a wrong answer or none, except where the problem cannot tell them apart."""
+    from exgrpo.probes.teachers import slip
+    caught = passed = 0
+    for e in syn.generate(60, split, seed=5):
+        for rule in syn.RULES:
+            pr = syn.oracle_probe(e, rule)
+            assert str(syn.through_probe(e, rule, pr.answer)) == e.answer, (rule, pr)
+            assert syn.through_probe(e, rule, None) is None
+            wrong = syn.through_probe(e, rule, slip(pr.answer))
+            if wrong is None or str(wrong) != e.answer:
+                caught += 1
+            else:
+                passed += 1
+                assert rule == "why"        # add n and multiply by n can agree (2 + 2 = 2 * 2)
+    assert caught >= 20 * passed
 
 
 def test_oracle_rejects_non_synthetic_examples():

@@ -291,8 +291,10 @@ def server(student, tmp_path_factory):
 def test_http_teacher_sends_concurrent_requests_that_the_server_runs_together(server, tmp_path):
     from exgrpo.probes import HTTPBackend, HTTPSettings
     os.environ["EXGRPO_TEST_KEY"] = KEY
+    # 160 tokens a reply: long enough that the gauge, scraped every 50 ms, sees two running even on a loaded
+    # machine (with 48 a busy 2-core box once scraped only 0 and 1).
     b = HTTPBackend(HTTPSettings(base_url=server.url, model="student", api_key_env="EXGRPO_TEST_KEY",
-                                 max_concurrency=4, max_tokens=48, timeout_s=120, max_retries=0))
+                                 max_concurrency=4, max_tokens=160, timeout_s=120, max_retries=0))
     seen, stop = [], threading.Event()
 
     def watch():
@@ -347,11 +349,15 @@ def test_probe_over_vllm_serve_killed_mid_run_restarted_and_resumed(server, tmp_
     server.start()                                           # the same port
     run2 = subprocess.run(_probe_cmd(server, out), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     recs = [json.loads(x) for x in log.read_text().splitlines()]
-    # The tiny student is no teacher: its replies hold no extractable answer, so its probes fail on content and
-    # the command exits 4 saying so. What is tested here is the transport; a reply lost to it would read otherwise.
+    # The tiny student is no teacher: its replies are empty, hold no probe or no extractable answer, so its probes
+    # fail on content and the command exits 4 saying so. Which of those a reply hits depends on the random weights
+    # and the CPU's rounding (CI saw an empty reply where this machine saw none). What is tested here is the
+    # transport: a reply lost to it would read "HTTP ...", "malformed response ..." or an exception's name.
     if run2.returncode == 4:
         assert "every teacher call of this run failed" in run2.stderr, run2.stderr[-2000:]
-        assert all(r["status"] == "failed" and r["reason"] == "no extractable answer" for r in recs)
+        content = ("no extractable answer", "empty response", "empty probe", "malformed probe")
+        bad = [(r["stage"], r["reason"]) for r in recs if r["status"] != "failed" or not r["reason"].startswith(content)]
+        assert not bad, f"records that did not fail on content: {bad[:5]}"
     else:
         assert run2.returncode == 0, run2.stdout[-2000:] + run2.stderr[-2000:]
     n_rules = len(load_rules().rules)

@@ -9,12 +9,14 @@ The pipeline parses every reply the same way, whoever wrote it.
 from __future__ import annotations
 
 import json
+import random
 import re
 from typing import Protocol
 
 from exgrpo.probes.backends import ChatBackend, Reply
 from exgrpo.probes.rules import ProbeRule, RuleSet
 from exgrpo.tasks import synthetic
+from exgrpo.tasks.answers import extract_short
 from exgrpo.tasks.example import LETTERS, Example
 from exgrpo.tasks.registry import Task
 
@@ -73,9 +75,20 @@ class LLMTeacher:
 
 
 class OracleTeacher:
-    """The synthetic task's program oracle: always right, no model, no network."""
+    """The synthetic task's program oracle: no model, no network.
 
-    fingerprint = json.dumps({"backend": "synthetic-oracle", "version": 1})
+    `slip_rate` makes it a fallible teacher, as a real one is: that share of its probe answers (chosen
+    by a hash of the example and rule, so a rerun slips on the same ones) ends with a wrong A_aug
+    after a correct worked answer. Filter 1 is what catches them: `recheck` takes the probe's answer
+    as given and finishes the problem from it (`synthetic.through_probe`), so a wrong sub-result leads
+    to a wrong answer to Q."""
+
+    def __init__(self, slip_rate: float = 0.0):
+        if not 0.0 <= slip_rate < 1.0:
+            raise ValueError(f"slip_rate must be in [0, 1), got {slip_rate}")
+        self.slip_rate = slip_rate
+        self.fingerprint = json.dumps({"backend": "synthetic-oracle", "version": 2,
+                                       **({"slip_rate": slip_rate} if slip_rate else {})})
 
     def solve(self, task: Task, ex: Example) -> Reply:
         """The program's worked solution: always the correct R_T."""
@@ -92,10 +105,22 @@ class OracleTeacher:
         p = synthetic.oracle_probe(ex, rule.name)
         if probe.strip() != p.question.strip():
             return Reply(None, "the oracle answers only the probes it wrote")
+        if self.slip_rate and random.Random(f"exgrpo-oracle-slip:{ex.id}:{rule.name}").random() < self.slip_rate:
+            return Reply(p.response[: p.response.rindex("The answer is")] + f"The answer is {slip(p.answer)}.")
         return Reply(p.response)
 
     def recheck(self, task: Task, ex: Example, probe: str, probe_response: str) -> Reply:
-        return self.solve(task, ex)
+        """Q answered with the probe turn in context: the probe's stated answer taken as given."""
+        if (bad := self._guard(ex)) is not None:
+            return bad
+        rule = next((r for r in synthetic.RULES if synthetic.oracle_probe(ex, r).question.strip() == probe.strip()),
+                    None)
+        if rule is None:
+            return Reply(None, "the oracle re-checks only the probes it wrote")
+        final = synthetic.through_probe(ex, rule, extract_short(probe_response))
+        if final is None:
+            return Reply("The probe's answer contradicts the problem, so I cannot answer it.")
+        return Reply(f"Taking the probe's answer as given: The answer is {final}.")
 
     @staticmethod
     def _guard(ex: Example, rule: ProbeRule | None = None) -> Reply | None:
@@ -104,6 +129,16 @@ class OracleTeacher:
         if rule is not None and rule.name not in synthetic.RULES:
             return Reply(None, f"the synthetic oracle has no rule {rule.name!r}")
         return None
+
+
+def slip(answer: str) -> str:
+    """A wrong answer of the same kind: a number off by 1 to 3, the other verdict, another operation."""
+    a = answer.strip().lower()
+    if a in ("yes", "no"):
+        return "no" if a == "yes" else "yes"
+    if a in ("add", "subtract", "multiply"):
+        return {"add": "subtract", "subtract": "multiply", "multiply": "add"}[a]
+    return str(int(a) + (1 + int(a) % 3) * (1 if int(a) % 2 else -1))
 
 
 # ---------------------------------------------------------------- parsing teacher output
