@@ -356,7 +356,8 @@ def test_probe_over_vllm_serve_killed_mid_run_restarted_and_resumed(server, tmp_
     if run2.returncode == 4:
         assert "every teacher call of this run failed" in run2.stderr, run2.stderr[-2000:]
         content = ("no extractable answer", "empty response", "empty probe", "malformed probe")
-        bad = [(r["stage"], r["reason"]) for r in recs if r["status"] != "failed" or not r["reason"].startswith(content)]
+        bad = [(r["stage"], r["reason"]) for r in recs
+               if r["status"] != "failed" or not r["reason"].startswith(content)]
         assert not bad, f"records that did not fail on content: {bad[:5]}"
     else:
         assert run2.returncode == 0, run2.stdout[-2000:] + run2.stderr[-2000:]
