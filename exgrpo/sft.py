@@ -34,6 +34,9 @@ class SFTSettings:
     with_original: bool = True              # the original Q -> R_T, A pairs [choice]
     epochs: float = 3.0
     batch_size: int = 32                    # sequences per optimizer step
+    # > 0: each original pair is a chat, after 0..chat_probes of its probes as earlier turns with the teacher's
+    # answers, every reply trained (an instruct stage: the student learns to answer Q with a history)
+    chat_probes: int = 0
 
 
 @dataclass
@@ -48,7 +51,8 @@ class SFTConfig(RunSettings, SFTSettings, OptimSettings, FitSettings, KernelSett
 def sft_sequences(items, tok, cfg: SFTConfig):
     """One single-turn teacher-forced sequence per kept probe (its probe set "prompt" -> the teacher's answer) and
     per original question (Q -> R_T, the R_T the probe set settled on: `ProbeItem.rationale`, not the dataset's
-    field)."""
+    field). With `chat_probes` > 0 the original pair comes after a seeded 0..chat_probes of its probes, their
+    teacher answers trained too."""
     from exgrpo.batching import Sequence
     from exgrpo.dialogues import SFT, dialogue, render
     seqs = []
@@ -57,7 +61,11 @@ def sft_sequences(items, tok, cfg: SFTConfig):
             if not it.rationale:
                 raise ValueError(f"question {it.example.id} ({it.example.task}) has no R_T in the probe set for the "
                                  "Q -> R_T pair: re-run `exgrpo probe` to settle it, or pass --no-with-original")
-            t = render(tok, dialogue([], None, it.example, it.rationale, answer_train=None, final_train=SFT))
+            before = []
+            if cfg.chat_probes > 0:
+                rng = random.Random(f"exgrpo-chat:{cfg.seed}:{it.example.id}")
+                before = rng.sample(list(it.probes), rng.randint(0, min(cfg.chat_probes, len(it.probes))))
+            t = render(tok, dialogue(before, None, it.example, it.rationale, answer_train=SFT, final_train=SFT))
             seqs.append(Sequence(t.ids, t.policy, t.sft))
         if cfg.with_probes:
             for p in it.probes:
@@ -78,6 +86,8 @@ def sft(cfg: SFTConfig) -> Path:
 
     # ========================================================================= init
     require_positive(cfg, ("batch_size", "micro_batch_tokens", "save_every", "keep_checkpoints"))
+    if cfg.chat_probes < 0:
+        raise ValueError(f"chat_probes must be >= 0, got {cfg.chat_probes}")
     if not cfg.epochs > 0:
         raise ValueError(f"epochs must be > 0, got {cfg.epochs}")
     items = load_probe_set(cfg.probes)

@@ -233,3 +233,30 @@ def test_an_example_without_its_fields_is_named(tmp_path):
     _write(tmp_path / "probe_set.jsonl", [rec])
     with pytest.raises(DialogueError, match=r"probe_set.jsonl:1: the question's 'example' has no 'answer' \(it has id"):
         load_probe_set(tmp_path)
+
+
+def test_sft_chat_probes_put_the_pair_after_its_probes_every_reply_trained(tok, tmp_path):
+    """The instruct stage's sequences: each original pair after 0..2 of its own probes, the probes' teacher
+    answers and R_T all trained, the user turns untrained; the draw is seeded and covers 0, 1 and 2."""
+    from exgrpo.probes import OracleTeacher, load_rules, run_pipeline
+    from exgrpo.sft import SFTConfig, sft_sequences
+    from exgrpo.tasks import get_task, synthetic
+    exs = synthetic.generate(16, "held_in", 6)
+    run_pipeline([(get_task("synthetic"), e) for e in exs], OracleTeacher(), load_rules(None), tmp_path)
+    items = load_probe_set(tmp_path)
+    cfg = SFTConfig(with_probes=False, chat_probes=2)
+    seqs = sft_sequences(items, tok, cfg)
+    assert len(seqs) == len(items) == 16
+    counts = set()
+    for it, s in zip(items, seqs):
+        trained = spans(tok, s, s.sft)
+        assert trained[-1] == it.rationale + "<end_of_turn>"
+        by_response = {p.response + "<end_of_turn>": p for p in it.probes}
+        before = [by_response[x] for x in trained[:-1]]        # each earlier reply is one of its probes' answers
+        text = tok.decode(s.ids)
+        for p in before:
+            assert f"<start_of_turn>user\n{p.question}<end_of_turn>" in text
+        assert text.index(before[-1].question if before else "<start_of_turn>") < text.index(it.example.question)
+        counts.add(len(before))
+    assert counts == {0, 1, 2}
+    assert [x.ids for x in sft_sequences(items, tok, cfg)] == [x.ids for x in seqs]
