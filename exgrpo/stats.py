@@ -129,3 +129,16 @@ def paired(a: Sequence[bool | int], b: Sequence[bool | int], confidence: float =
 def format_interval(p: float, ci: tuple[float, float]) -> str:
     """A proportion and its interval in percent, one decimal: "34.8 % [30.7, 39.1]"."""
     return f"{100 * p:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def mean_interval(xs: Sequence[float], confidence: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """The mean of per-question values (e.g. P_full - P_partial, each a mean over G samples) and its normal
+    interval mean +- z * s / sqrt(n), s the sample standard deviation: what the central limit theorem gives
+    for n of a few hundred bounded values."""
+    if len(xs) < 2:
+        raise ValueError(f"xs must hold at least 2 values for an interval, got {len(xs)}")
+    z = _z(confidence)
+    m = math.fsum(xs) / len(xs)
+    s = math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    half = z * s / math.sqrt(len(xs))
+    return m, (m - half, m + half)

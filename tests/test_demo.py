@@ -49,8 +49,22 @@ def test_quick_demo_runs_end_to_end(quick_run):
     assert "held-in test" in table and "OOD" in table and table in p.stdout
     assert (run / "results.png").stat().st_size > 10_000
     report = (run / "report.md").read_text()
-    assert "Target" in report and ("**met**" in report or "**not met**" in report)
+    assert "## The paper's claims, tested" in report and "## Before RL: can the bonus act?" in report
+    pairs = {(c["a"], c["b"], c["split"]) for c in res["claims"]}
+    assert ("exgrpo", "rl_aux", "ood") in pairs and ("sft_ei", "sft_vanilla_pairs", "test") in pairs
+    assert all(c["verdict"] in ("shown", "not shown", "reversed") and c["n"] == 20 + (c["split"] == "ood")
+               for c in res["claims"])
     assert all(s["state"] == "finished" for s in stages(run).values())
+    # The instruct stage ran in rounds until its target or its last round, every SFT arm starts from its export,
+    # and the precondition was measured on val at the EI-SFT export before RL.
+    ins = res["instruct"]["0"]
+    assert 1 <= len(ins["rounds"]) <= 2 and (ins["met"] or len(ins["rounds"]) == 2)
+    for arm in ("sft_vanilla", "sft_vanilla_pairs", "sft_ei"):
+        assert json.loads((run / "arms" / "seed0" / arm / "config.json").read_text())["model"] == ins["export"]
+    pre = res["precondition"]["0"]
+    assert pre["questions"] == res["data"]["val"] and 0 <= pre["bonus_changed"] <= pre["adv_nonzero"] <= 6
+    names = list(stages(run))
+    assert names.index("precondition:seed0") < names.index("rl_outcome:seed0")
     # RL arms start from the EI-SFT export and log reward + DSU firing per step.
     for arm in ("rl_outcome", "rl_aux", "exgrpo"):
         cfg = json.loads((run / "arms" / "seed0" / arm / "config.json").read_text())
@@ -113,3 +127,24 @@ def test_table_aggregates_seeds(tmp_path):
     assert res["table"]["sft_vanilla"]["ood"]["std"] == pytest.approx(0.1414, abs=1e-3)
     assert res["target"]["met"] is True and res["target"]["exgrpo_ood"] == pytest.approx(0.7)
     assert "70.0 ± 14.1" in render_table(res)
+
+
+def test_claims_are_paired_on_the_same_questions(tmp_path):
+    """The claims table pairs each question of A with the same question of B (whatever order eval.json lists
+    them in): 100 questions, A right on 0..59, B on 30..69: A only 30, B only 10, a gap of 20 points."""
+    cfg = DemoConfig(out=str(tmp_path), arms=("sft_vanilla", "sft_ei"))
+    right = {"sft_ei": range(0, 60), "sft_vanilla": range(30, 70)}
+    for arm, r in right.items():
+        d = tmp_path / "arms" / "seed0" / arm
+        d.mkdir(parents=True)
+        ids = list(range(100)) if arm == "sft_ei" else list(reversed(range(100)))
+        ex = [{"split": sp, "id": f"q{i}", "correct": i in r} for sp in ("test", "ood") for i in ids]
+        rows = [{"split": sp, "accuracy": len(r) / 100} for sp in ("test", "ood")]
+        (d / "eval.json").write_text(json.dumps({"results": rows, "examples": ex}))
+    (tmp_path / "status.json").write_text(json.dumps({"config": None, "stages": {}}))
+    res = collect(cfg, tmp_path)
+    c = next(c for c in res["claims"] if c["split"] == "test" and c["b"] == "sft_vanilla")
+    assert (c["n"], c["a_only"], c["b_only"]) == (100, 30, 10) and c["diff"] == pytest.approx(0.2)
+    assert c["verdict"] == "shown" and c["p_value"] < 0.01
+    assert res["table"]["sft_ei"]["test"]["pooled"]["k"] == 60
+    assert "[50.2, 69.1]" in render_table(res)           # Wilson 95 % of 60/100

@@ -63,12 +63,12 @@ class Shape:
     new_names: bool = False     # people and items unseen in held-in problems
 
 
-HELD_IN = Shape(steps=(2, 3), start=(1, 20), amount=(1, 9), max_value=99)
+HELD_IN = Shape(steps=(2, 3), start=(1, 9), amount=(1, 5), max_value=30)
 # OOD kinds, taken round-robin: each differs from held-in in one way only, so a failure says which.
 OOD_KINDS: dict[str, Shape] = {
-    "ood_steps": Shape(steps=(4, 5), start=(1, 20), amount=(1, 9), max_value=99),
-    "ood_names": Shape(steps=(2, 3), start=(1, 20), amount=(1, 9), max_value=99, new_names=True),
-    "ood_reverse": Shape(steps=(2, 3), start=(1, 20), amount=(1, 9), max_value=99, reverse=True),
+    "ood_steps": Shape(steps=(4, 5), start=(1, 9), amount=(1, 5), max_value=30),
+    "ood_names": Shape(steps=(2, 3), start=(1, 9), amount=(1, 5), max_value=30, new_names=True),
+    "ood_reverse": Shape(steps=(2, 3), start=(1, 9), amount=(1, 5), max_value=30, reverse=True),
 }
 
 
