@@ -148,3 +148,34 @@ def test_claims_are_paired_on_the_same_questions(tmp_path):
     assert c["verdict"] == "shown" and c["p_value"] < 0.01
     assert res["table"]["sft_ei"]["test"]["pooled"]["k"] == 60
     assert "[50.2, 69.1]" in render_table(res)           # Wilson 95 % of 60/100
+
+
+def test_dialogue_outcomes_reads_each_scenario_and_the_bonus_from_one_step(tiny_student, probe_dir, monkeypatch):
+    """The precondition stage's numbers come from the right columns: with replies right for Scenario A's
+    first two samples and B's first (of G = 4), P_full = 0.5 and P_partial = 0.25 for every question; the
+    bonus fires everywhere and, with three distinct rewards in each group, changes an advantage everywhere."""
+    from exgrpo import rollout as R
+    from exgrpo.demo import dialogue_outcomes
+    from exgrpo.dialogues import load_probe_set
+    from exgrpo.tasks import get_task
+    from exgrpo.train import TrainConfig
+    task = get_task("synthetic")
+    gold = {task.prompt(it.example): it.example.answer for it in load_probe_set(probe_dir)}
+    seen = []
+
+    def fake(engine, user_turns):
+        seen.extend(len(t) for t in user_turns)
+        out = []
+        for j, turns in enumerate(user_turns):
+            right = j % 8 in (0, 1, 4)
+            final = f"The answer is {gold[turns[-1]['content']] if right else 'none'}."
+            out.append(R.DialogueRollout([1], [True], [0.0], ["x"] * (len(turns) - 1) + [final]))
+        return out
+
+    monkeypatch.setattr(R, "run_dialogues", fake)
+    m = dialogue_outcomes(tiny_student, probe_dir, TrainConfig(), group_size=4, k_probes=2, seed=0)
+    q = len(gold)
+    assert m["questions"] == q and seen == ([3] * 4 + [2] * 4) * q     # per question: A's 2 probes + Q, B's 1 + Q
+    assert (m["p_full"], m["p_partial"], m["p_full_minus_partial"]) == pytest.approx((0.5, 0.25, 0.25))
+    assert m["reward"] == pytest.approx(3 / 8)
+    assert m["bonus_fired"] == m["adv_nonzero"] == m["bonus_changed"] == q
