@@ -14,7 +14,11 @@ IGNORE_INDEX = -100
 def logits_ref(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float = 1.0,
                softcap: float | None = None) -> torch.Tensor:
     """z = cap(hidden @ weight^T) / temperature, cap(x) = softcap * tanh(x / softcap)."""
-    x = hidden @ weight.T                                       # [..., V]
+    return scale_logits_ref(hidden @ weight.T, temperature=temperature, softcap=softcap)   # [..., V]
+
+
+def scale_logits_ref(x: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """cap(x) / temperature, x the raw logits hidden @ weight^T."""
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     return x / temperature
@@ -23,6 +27,11 @@ def logits_ref(hidden: torch.Tensor, weight: torch.Tensor, *, temperature: float
 def token_logprobs_ref(hidden, weight, targets, *, temperature=1.0, softcap=None, return_entropy=False):
     """log softmax(z)[target] (and the entropy of softmax(z)), 0 at ignored positions."""
     z = logits_ref(hidden, weight, temperature=temperature, softcap=softcap)
+    return logprobs_from_logits_ref(z, targets, return_entropy=return_entropy)
+
+
+def logprobs_from_logits_ref(z, targets, *, return_entropy=False):
+    """token_logprobs_ref from the scaled logits z [..., V]."""
     logsm = torch.log_softmax(z, dim=-1)                        # [..., V]
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, torch.zeros_like(targets))
