@@ -223,17 +223,17 @@ def _load_split(run: Path, name: str):
     return load_examples("synthetic", run / "data" / f"{name}.jsonl").examples
 
 
-def _probe_pipeline(cfg: DemoConfig, run: Path, split: str, out: Path, *, slip_rate: float,
-                    student=None) -> dict[str, Any]:
+def _probe_pipeline(cfg: DemoConfig, run: Path, split: str, out: Path, student=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     from exgrpo.probes.pipeline import FilterSettings, run_pipeline
     from exgrpo.probes.rules import load_rules
     from exgrpo.probes.summary import render, summarize
     from exgrpo.probes.teachers import OracleTeacher
-    from exgrpo.tasks import get_task
+    from exgrpo.tasks import get_task, synthetic
     task = get_task("synthetic")
-    items = [(task, e) for e in _load_split(run, split)]
+    examples = {e.id: e for e in _load_split(run, split)}
+    items = [(task, e) for e in examples.values()]
     bar = tqdm(total=0, unit="probe", desc=f"probes {split}", disable=not cfg.progress, dynamic_ncols=True)
 
     def on_total(n: int) -> None:
@@ -241,7 +241,7 @@ def _probe_pipeline(cfg: DemoConfig, run: Path, split: str, out: Path, *, slip_r
         bar.refresh()
 
     try:
-        res = run_pipeline(items, OracleTeacher(slip_rate), load_rules(None), out, student=student,
+        res = run_pipeline(items, OracleTeacher(cfg.teacher_slip_rate), load_rules(None), out, student=student,
                            filters=FilterSettings(cfg.tau_hard, cfg.hard_direction, cfg.drop_too_easy),
                            workers=2, student_batch=256, on_total=on_total, on_progress=bar.update)
     finally:
@@ -251,32 +251,14 @@ def _probe_pipeline(cfg: DemoConfig, run: Path, split: str, out: Path, *, slip_r
     s = summarize(res.unit_records, res.question_records, res.rationale_records)
     (out / "summary.txt").write_text(render(s) + "\n", encoding="utf-8")
     t = s.total
-    slipped = sum(u["status"] == "ok" and u["probe_answer"] is not None and u["probe_answer"] != _oracle_answer(u)
+    slipped = sum(u["status"] == "ok" and u["probe_answer"] is not None
+                  and u["probe_answer"] != synthetic.oracle_probe(examples[u["example_id"]], u["rule"]).answer
                   for u in res.unit_records)
     return {"questions": s.questions, "verdicts": dict(s.verdicts), "probes_attempted": t.attempted,
             "probes_generated": t.generated, "probes_consistent": t.consistent, "probes_kept": t.kept,
             "questions_kept": s.verdicts.get("kept", 0), "probes_slipped": slipped}
 
 
-def _oracle_answer(unit: dict) -> str:
-    """The right answer of a work-log record's probe (the record has the example id, not the example)."""
-    from exgrpo.tasks import synthetic
-    split, seed, idx = unit["example_id"].removeprefix("syn-").rsplit("-", 2)
-    return synthetic.oracle_probe(synthetic.make_example(int(seed), split, int(idx)), unit["rule"]).answer
-
-
-def stage_filter1(cfg: DemoConfig, run: Path) -> dict[str, Any]:
-    return _probe_pipeline(cfg, run, "train", run / "probes" / "filter1", slip_rate=cfg.teacher_slip_rate)
-
-
-def stage_probes_val(cfg: DemoConfig, run: Path) -> dict[str, Any]:
-    """Val's probes (filter 1 only): the dialogues of the instruct criterion and of the precondition."""
-    return _probe_pipeline(cfg, run, "val", run / "probes" / "val", slip_rate=cfg.teacher_slip_rate)
-
-
-def stage_probes_instruct(cfg: DemoConfig, run: Path) -> dict[str, Any]:
-    """The instruct pool's chats: the oracle's probes and answers (filter 1 only)."""
-    return _probe_pipeline(cfg, run, "instruct", run / "probes" / "instruct", slip_rate=cfg.teacher_slip_rate)
 
 
 def stage_student(cfg: DemoConfig, run: Path, seed: int) -> dict[str, Any]:
@@ -310,9 +292,9 @@ def dialogue_outcomes(model_dir: Path, probes: Path, rl: TrainConfig, *, group_s
     rew = S.reward(plan, S.rollout(engine, plan))
     adv = S.advantages(rew, cfg)
     st = S.advantage_stats(rew, adv, cfg)
-    full, part = rew.outcome[:, :group_size].mean(1), rew.outcome[:, group_size:].mean(1)
-    diff, diff_ci = mean_interval((full - part).tolist()) if len(items) > 1 else (float((full - part).mean()), None)
     q = len(items)
+    full, part = rew.outcome[:, :group_size].mean(1), rew.outcome[:, group_size:].mean(1)
+    diff, diff_ci = mean_interval((full - part).tolist()) if q > 1 else (float((full - part).mean()), None)
     return {"questions": q, "group_size": group_size, "k_probes": k_probes,
             "p_full": float(full.mean()), "p_partial": float(part.mean()),
             "p_full_minus_partial": diff, "p_full_minus_partial_ci": diff_ci,
@@ -362,7 +344,7 @@ def stage_filter2(cfg: DemoConfig, run: Path) -> dict[str, Any]:
     # Large batches: generate() costs about the same per decoding step at batch 32 or 256 on CPU.
     judge = TransformersStudent(str(_instruct_export(run, cfg.seed)), max_new_tokens=cfg.judge_max_new_tokens,
                                 batch_size=256)
-    return _probe_pipeline(cfg, run, "train", run / "probes", slip_rate=cfg.teacher_slip_rate, student=judge)
+    return _probe_pipeline(cfg, run, "train", run / "probes", student=judge)
 
 
 def _sft_counts(run: Path) -> tuple[int, int]:
@@ -458,10 +440,14 @@ def plan(cfg: DemoConfig, run: Path, resume: bool) -> list[Stage]:
     arms = [a for a in ARMS if a in cfg.arms]
     if any(a in RL_ARMS for a in arms) and "sft_ei" not in arms:
         raise ValueError("the RL arms start from the sft_ei export: keep sft_ei in --arms")
+    def probes(split: str, name: str) -> Stage:      # filter 1 only
+        out = run / "probes" / name
+        return Stage(f"probes:{name}", lambda: _probe_pipeline(cfg, run, split, out), [out])
+
+    # train's probes (filter 2 follows), val's (the dialogues of the instruct criterion and the precondition),
+    # the instruct pool's (its chats)
     st = [Stage("data", lambda: stage_data(cfg, run), [run / "data"]),
-          Stage("probes:filter1", lambda: stage_filter1(cfg, run), [run / "probes" / "filter1"]),
-          Stage("probes:val", lambda: stage_probes_val(cfg, run), [run / "probes" / "val"]),
-          Stage("probes:instruct", lambda: stage_probes_instruct(cfg, run), [run / "probes" / "instruct"])]
+          probes("train", "filter1"), probes("val", "val"), probes("instruct", "instruct")]
     for s in _seeds(cfg):
         st += [Stage(f"student:seed{s}", lambda s=s: stage_student(cfg, run, s), [run / "students" / f"seed{s}"]),
                Stage(f"instruct:seed{s}", lambda s=s: stage_instruct(cfg, run, s),
@@ -563,15 +549,6 @@ def _agg(xs: list[float]) -> dict[str, Any]:
             "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
 
 
-def _scores(run: Path, arm: str, seed: int) -> dict[str, dict[str, bool]]:
-    """split -> example id -> correct, from the arm's eval.json."""
-    rep = json.loads((run / "arms" / f"seed{seed}" / arm / "eval.json").read_text())
-    out: dict[str, dict[str, bool]] = {}
-    for e in rep.get("examples", []):
-        out.setdefault(e["split"], {})[e["id"]] = bool(e["correct"])
-    return out
-
-
 def _verdict(lo: float, hi: float) -> str:
     return "shown" if lo > 0 else "reversed" if hi < 0 else "not shown"
 
@@ -583,21 +560,25 @@ def collect(cfg: DemoConfig, run: Path) -> dict[str, Any]:
     from exgrpo.stats import paired, wilson
     status = Status(run)
     arms = [a for a in ARMS if a in cfg.arms]
+    seeds = _seeds(cfg)
     per_seed: dict[str, dict[str, dict[int, float]]] = {}
+    scores: dict[str, dict[int, dict[str, dict[str, bool]]]] = {}     # arm -> seed -> split -> id -> correct
     splits: list[str] = []
     for a in arms:
-        per_seed[a] = {}
-        for s in _seeds(cfg):
+        per_seed[a], scores[a] = {}, {}
+        for s in seeds:
             rep = json.loads((run / "arms" / f"seed{s}" / a / "eval.json").read_text())
             for row in rep["results"]:
                 per_seed[a].setdefault(row["split"], {})[s] = row["accuracy"]
                 if row["split"] not in splits:
                     splits.append(row["split"])
-    table = {a: {sp: _agg([per_seed[a][sp][s] for s in _seeds(cfg)]) for sp in splits} for a in arms}
-    scores = {a: {s: _scores(run, a, s) for s in _seeds(cfg)} for a in arms}
+            scores[a][s] = {}
+            for e in rep.get("examples", []):
+                scores[a][s].setdefault(e["split"], {})[e["id"]] = bool(e["correct"])
+    table = {a: {sp: _agg([per_seed[a][sp][s] for s in seeds]) for sp in splits} for a in arms}
     for a in arms:
         for sp in splits:
-            flat = [c for s in _seeds(cfg) for c in scores[a][s].get(sp, {}).values()]
+            flat = [c for s in seeds for c in scores[a][s].get(sp, {}).values()]
             if flat:
                 table[a][sp]["pooled"] = {"k": sum(flat), "n": len(flat), "ci": wilson(sum(flat), len(flat))}
     claims = []
@@ -606,7 +587,7 @@ def collect(cfg: DemoConfig, run: Path) -> dict[str, Any]:
             continue
         for sp in ("test", "ood"):
             xs, ys = [], []
-            for s in _seeds(cfg):
+            for s in seeds:
                 ra, rb = scores[a][s].get(sp, {}), scores[b][s].get(sp, {})
                 for i in ra.keys() & rb.keys():
                     xs.append(ra[i])
@@ -621,7 +602,6 @@ def collect(cfg: DemoConfig, run: Path) -> dict[str, Any]:
     if all(a in ood for a in ("exgrpo", "sft_vanilla", "sft_ei")):
         target = {"exgrpo_ood": ood["exgrpo"], "sft_vanilla_ood": ood["sft_vanilla"], "sft_ei_ood": ood["sft_ei"],
                   "met": ood["exgrpo"] > ood["sft_vanilla"] and ood["exgrpo"] > ood["sft_ei"]}
-    seeds = _seeds(cfg)
     return {"arms": arms, "splits": splits, "seeds": seeds, "table": table, "claims": claims, "target": target,
             "data": status.info("data").get("counts", {}), "filter1": status.info("probes:filter1"),
             "filter2": status.info("probes:filter2"), "probes_val": status.info("probes:val"),
@@ -681,8 +661,8 @@ def plot(cfg: DemoConfig, run: Path, res: dict[str, Any]) -> Path:
         xs = [i + (j - (len(splits) - 1) / 2) * width for i in range(len(arms))]
         m = [100 * res["table"][a][sp]["mean"] for a in arms]
         ci = [res["table"][a][sp].get("pooled", {}).get("ci") for a in arms]
-        err = None if any(c is None for c in ci) else [[100 * (mi / 100 - c[0]) for mi, c in zip(m, ci)],
-                                                       [100 * (c[1] - mi / 100) for mi, c in zip(m, ci)]]
+        err = None if any(c is None for c in ci) else [[mi - 100 * c[0] for mi, c in zip(m, ci)],
+                                                       [100 * c[1] - mi for mi, c in zip(m, ci)]]
         ax.bar(xs, m, width, yerr=err, capsize=3, label=SPLIT_NAMES.get(sp, sp))
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels([ARM_LABELS[a].replace(" (", "\n(").replace(", ", ",\n").replace(" + ", "\n+ ", 1)
@@ -716,6 +696,7 @@ def plot(cfg: DemoConfig, run: Path, res: dict[str, Any]) -> Path:
 
 
 def _precondition_lines(res: dict[str, Any]) -> list[str]:
+    from exgrpo.stats import format_interval
     lines = []
     for s, p in res["precondition"].items():
         if not p:
@@ -732,8 +713,7 @@ def _precondition_lines(res: dict[str, Any]) -> list[str]:
             f"  - groups with a non-zero advantage: {p['adv_nonzero']} of {q} "
             f"[{_pct(p['adv_nonzero_ci'][0])}, {_pct(p['adv_nonzero_ci'][1])}] %; the bonus fired in "
             f"{p['bonus_fired']} and changed an advantage in {p['bonus_changed']} of {q} "
-            f"({_pct(p['bonus_changed'] / q)} % [{_pct(p['bonus_changed_ci'][0])}, {_pct(p['bonus_changed_ci'][1])}];"
-            " target: at least 10 %)"]
+            f"({format_interval(p['bonus_changed'] / q, p['bonus_changed_ci'])}; target: at least 10 %)"]
     return lines
 
 

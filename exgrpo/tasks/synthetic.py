@@ -295,6 +295,8 @@ def oracle_probe(ex: Example, rule: str) -> OracleProbe:
     # The one intermediate state next to the known end: just before the last step (forward), or just
     # after the first step (reversed, solved from the end).
     j, when = (1, "just after the first step") if rev else (last - 1, "just before the last step")
+    # The states between the known end and state j, as (lo, hi): the steps lo .. hi-1 are worked to reach j.
+    span = (1, last) if rev else (0, last - 1)
     # The problem without its final question, so that each probe stands on its own.
     setting = question_text(p).rsplit(" How many", 1)[0]
 
@@ -342,10 +344,10 @@ def oracle_probe(ex: Example, rule: str) -> OracleProbe:
                     f"steps. How many {item} would {pron} have {when}?",
                     walk(0, last - 1, new), new[last - 1], new_start=new[0], shift=d)
     if rule == "comparison":
-        a, b = (1, last) if rev else (0, last - 1)
+        a, b = span
         d = s[b] - s[a]
-        span = "just after the first step and at the end" if rev else f"at the start and {when}"
-        return done(f"Compare the number of {item} {span}. By how much is the later count larger than the "
+        which = "just after the first step and at the end" if rev else f"at the start and {when}"
+        return done(f"Compare the number of {item} {which}. By how much is the later count larger than the "
                     "earlier one (negative if it is smaller)?",
                     f"{name} has {s[a]} and then {s[b]}, and {s[b]} - {s[a]} = {d}.", d)
     if rule == "hypothesis":
@@ -353,12 +355,11 @@ def oracle_probe(ex: Example, rule: str) -> OracleProbe:
         verdict = "yes" if s[j] > t else "no"
         rel = "more than" if s[j] > t else "not more than"
         return done(f"Hypothesis: {name} has more than {t} {item} {when}. Is the hypothesis true?",
-                    f"{walk(*((1, last) if rev else (0, last - 1)), s)} So {name} has {s[j]} {item} {when}, "
+                    f"{walk(*span, s)} So {name} has {s[j]} {item} {when}, "
                     f"which is {rel} {t}.", verdict, threshold=t)
     if rule == "decomposition":
-        a, b = (1, last) if rev else (0, last - 1)
         return done(f"Break the problem into sub-steps. How many {item} does {name} have {when}?",
-                    f"{walk(a, b, s)}", s[j])
+                    walk(*span, s), s[j])
     if rule == "explanatory_challenge":
         right = s[k + 1]
         claim = right if rng.random() < 0.5 else max(0, right + rng.choice((-2, -1, 1, 2)))
