@@ -222,24 +222,35 @@ TINY_SIZES = {
     # hidden, layers, heads, kv heads, head_dim, intermediate
     "tiny": (64, 2, 4, 1, 16, 256),
     "small": (128, 4, 4, 2, 32, 512),
+    "shallow": (128, 2, 4, 2, 32, 512),     # "small" with half the layers: the demo's default
 }
 
 
+def prompt_phrases() -> list[str]:
+    """The fixed texts the trainer itself writes into prompts: every answer-format instruction of the task
+    registry, the probe rules' answer instruction, and the chat template's role headers. Byte-level BPE
+    cannot merge across words, so each would cost a token a word (about 40 a turn) in every sequence."""
+    from exgrpo.probes.rules import load_rules
+    from exgrpo.tasks.registry import INSTRUCTIONS
+    return [*INSTRUCTIONS.values(), load_rules().answer_instruction, "user\n", "model\n"]
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int = 800):
-    """A byte-level BPE trained on `corpus`, digits split one by one (numbers stay readable to a
-    tiny model), wrapped as a transformers fast tokenizer with a Gemma-style chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE trained on `corpus`, wrapped as a transformers fast tokenizer with a Gemma-style
+    chat template. Numbers are pre-tokenised whole with their leading space (" 17"), so the frequent ones
+    are one token each: a tiny model reads "8 + 3 = 11" as five tokens, and an operand is one lookup.
+    Each of `prompt_phrases()` is one (non-special) added token: a tiny model's sequences are then its
+    content, not the boilerplate around it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tk.train_from_iterator(corpus, trainer)
+    tk.add_tokens([AddedToken(p, normalized=False, special=False) for p in prompt_phrases()])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token=END_OF_TURN,
                                   pad_token="<pad>", unk_token="<unk>",
                                   additional_special_tokens=["<start_of_turn>"])

@@ -20,7 +20,7 @@ from exgrpo.tasks.loaders import LoadResult
 
 AnswerFormat = Literal["letter", "yes_no", "number", "boxed", "number_or_text"]
 
-_INSTRUCTIONS: dict[str, str] = {
+INSTRUCTIONS: dict[str, str] = {
     "letter": "Think step by step, then end your response with \"The answer is (X)\", where X is the "
               "letter of the correct option.",
     "yes_no": "Think step by step, then end your response with \"The answer is yes\" or "
@@ -46,7 +46,7 @@ class Task:
 
     @property
     def instruction(self) -> str:
-        return _INSTRUCTIONS[self.answer_format]
+        return INSTRUCTIONS[self.answer_format]
 
     def prompt(self, ex: Example) -> str:
         return f"{ex.question}\n{self.instruction}"
