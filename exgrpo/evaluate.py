@@ -298,20 +298,45 @@ def render_table(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- a fresh process
 
 def evaluate_in_subprocess(model_dir: str | Path, cfg: EvalConfig, timeout_s: float | None = None) -> dict:
-    """`python -m exgrpo eval` on `model_dir` in a fresh interpreter, which loads the checkpoint with
+    """`exgrpo eval` on `model_dir` in a fresh interpreter, which loads the checkpoint with
     `from_pretrained` from disk alone (nothing shared with this process), and its JSON report.
     `cfg.out` is used when set, else a temporary file."""
+    return evaluate_many_in_subprocess([(model_dir, cfg)], timeout_s)[0]
+
+
+def evaluate_many_in_subprocess(runs: list[tuple[str | Path, EvalConfig]],
+                                timeout_s: float | None = None) -> list[dict]:
+    """Each (model_dir, cfg) evaluated as `evaluate_in_subprocess` does, one after another in one fresh
+    interpreter (`python -m exgrpo.evaluate CONFIG.json ...`): every checkpoint is still loaded from disk
+    alone, and the interpreter's start (importing torch and transformers) is paid once."""
     with tempfile.TemporaryDirectory(prefix="exgrpo-eval-") as tmp:
-        out = Path(cfg.out) if cfg.out else Path(tmp) / "eval.json"
-        sub = EvalConfig(**{**asdict(cfg), "model": str(model_dir), "outputs": None, "out": str(out)})
-        conf = Path(tmp) / "eval_config.json"
-        conf.write_text(json.dumps(asdict(sub)), encoding="utf-8")
+        outs, confs = [], []
+        for i, (model_dir, cfg) in enumerate(runs):
+            out = Path(cfg.out) if cfg.out else Path(tmp) / f"eval{i}.json"
+            sub = EvalConfig(**{**asdict(cfg), "model": str(model_dir), "outputs": None, "out": str(out)})
+            conf = Path(tmp) / f"eval_config{i}.json"
+            conf.write_text(json.dumps({"eval": asdict(sub)}), encoding="utf-8")
+            outs.append(out)
+            confs.append(str(conf))
         # The same exgrpo as this process, wherever the child's working directory is.
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        proc = subprocess.run([sys.executable, "-m", "exgrpo", "eval", "--config", str(conf)],
+        proc = subprocess.run([sys.executable, "-m", "exgrpo.evaluate", *confs],
                               capture_output=True, text=True, env=env, timeout=timeout_s)
         if proc.returncode != 0:
-            raise EvalError(f"exgrpo eval of {model_dir} failed in a subprocess (exit {proc.returncode}):\n"
+            models = ", ".join(str(m) for m, _ in runs)
+            raise EvalError(f"exgrpo eval of {models} failed in a subprocess (exit {proc.returncode}):\n"
                             f"{proc.stderr[-3000:]}")
-        return json.loads(out.read_text(encoding="utf-8"))
+        return [json.loads(out.read_text(encoding="utf-8")) for out in outs]
+
+
+def _main(paths: list[str]) -> int:
+    """`python -m exgrpo.evaluate CONFIG.json ...`: evaluate each config file's [eval] table in turn."""
+    from exgrpo.configs import load_config_file, make_config
+    for path in paths:
+        evaluate(make_config(EvalConfig, load_config_file(path, "eval")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -3,6 +3,7 @@ number), the synthetic splits, clear errors, and an end-to-end run of a tiny mod
 and in a fresh one."""
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
 
@@ -176,6 +177,26 @@ def test_end_to_end_tiny_model(tiny_model, tmp_path, capsys):
                                                            "data": (), "out": None, "progress": False}))
     assert [r["output"] for r in sub["examples"]] == [r["output"] for r in report["examples"]]
     assert sub["results"] == report["results"]
+
+
+def test_many_models_in_one_fresh_process_each_as_alone(tiny_model, tmp_path):
+    """evaluate_many_in_subprocess: two different checkpoints (another seed's weights) in one interpreter; each
+    report is what evaluating that model alone in this process gives, written to its own --out."""
+    from exgrpo.evaluate import evaluate_many_in_subprocess
+    from exgrpo.models import build_tiny_student
+    corpus = [f"{e.question} {e.rationale}" for e in synthetic.make_splits(60, 0, 20)["train"]]
+    other = build_tiny_student(tmp_path / "other", corpus, vocab_size=300, seed=1)
+    cfg = EvalConfig(split=("test", "ood"), n=3, n_train=60, max_new_tokens=8, batch_size=2, device="cpu",
+                     progress=False)
+    alone = [evaluate(EvalConfig(**{**asdict(cfg), "model": str(m), "out": None})) for m in (tiny_model, other)]
+    assert [r["output"] for r in alone[0]["examples"]] != [r["output"] for r in alone[1]["examples"]]
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    reps = evaluate_many_in_subprocess([(m, EvalConfig(**{**asdict(cfg), "out": str(o)}))
+                                        for m, o in zip((tiny_model, other), outs)])
+    for rep, ref, out in zip(reps, alone, outs):
+        assert rep["model"] == ref["model"] and rep["results"] == ref["results"]
+        assert [r["output"] for r in rep["examples"]] == [r["output"] for r in ref["examples"]]
+        assert json.loads(out.read_text())["examples"] == rep["examples"]
 
 
 def test_tokenizer_without_chat_template_is_refused(tiny_model, tmp_path, capsys):
