@@ -39,6 +39,23 @@ def test_transformers_student_answers_every_prompt_in_order(tiny_model_dir):
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
     assert out == st.answer(prompts)                    # greedy: deterministic
     assert out[1] == st.answer(["Hi"])[0]               # left padding does not change the answer
+    assert out == [st.answer([p])[0] for p in prompts]
+
+
+def test_transformers_student_batches_by_length_and_answers_in_order(tiny_model_dir):
+    """Batches are of similar-length prompts; every answer still lands at its own prompt."""
+    from exgrpo.probes.student import TransformersStudent
+    st = TransformersStudent(tiny_model_dir, max_new_tokens=4, batch_size=2)
+    batches = []
+
+    def echo(convs):
+        batches.append([c[0]["content"] for c in convs])
+        return [f"re: {c[0]['content']}" for c in convs]
+
+    st._m.generate = echo
+    prompts = ["a much longer prompt", "b", "ccc", "dd", "a prompt of middle size"]
+    assert st.answer(prompts) == [f"re: {p}" for p in prompts]
+    assert batches == [["b", "dd"], ["ccc", "a much longer prompt"], ["a prompt of middle size"]]
 
 
 def test_transformers_teacher_batches_concurrent_requests(tiny_model_dir):

@@ -22,8 +22,13 @@ class TransformersStudent:
                                        "max_new_tokens": max_new_tokens}, sort_keys=True)
 
     def answer(self, prompts: list[str]) -> list[str]:
-        out: list[str] = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i:i + self.batch_size]
-            out += self._m.generate([[{"role": "user", "content": p}] for p in chunk])
+        """One greedy answer per prompt, in the prompts' order. Batches are formed from prompts of similar
+        length (a probe rule's prompts, whose answers are of similar length too): less left padding, and a
+        batch stops when its longest answer does."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            for j, text in zip(idx, self._m.generate([[{"role": "user", "content": prompts[j]}] for j in idx])):
+                out[j] = text
         return out
