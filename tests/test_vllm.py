@@ -2,7 +2,7 @@
 engine (multi-turn rollouts, log-probs against the trainer's, weight sync after an optimizer step, LoRA, sleep
 mode, `exgrpo train --engine vllm` and its bit-identical resume) and the HTTP teacher against `vllm serve`.
 
-The student is the demo's size ("small": head_dim 32; vLLM's CPU attention takes 32, 64, ..., not the "tiny"
+The student is the demo's size ("shallow": head_dim 32; vLLM's CPU attention takes 32, 64, ..., not the "tiny"
 size's 16), briefly SFT-trained on the probe set so that it ends its turns."""
 import json
 import os
