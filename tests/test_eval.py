@@ -180,12 +180,18 @@ def test_end_to_end_tiny_model(tiny_model, tmp_path, capsys):
 
 
 def test_many_models_in_one_fresh_process_each_as_alone(tiny_model, tmp_path):
-    """evaluate_many_in_subprocess: two different checkpoints (another seed's weights) in one interpreter; each
-    report is what evaluating that model alone in this process gives, written to its own --out."""
+    """evaluate_many_in_subprocess: two different checkpoints in one interpreter; each report is what evaluating
+    that model alone in this process gives, written to its own --out."""
+    from transformers import AutoModelForCausalLM
+
     from exgrpo.evaluate import evaluate_many_in_subprocess
-    from exgrpo.models import build_tiny_student
-    corpus = [f"{e.question} {e.rationale}" for e in synthetic.make_splits(60, 0, 20)["train"]]
-    other = build_tiny_student(tmp_path / "other", corpus, vocab_size=300, seed=1)
+    # The other checkpoint: the same model with its final norm's scale (1 + w) set to -1, so every logit is
+    # negated and greedy decoding answers differently (two random tiny models can both repeat one token).
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    m.model.norm.weight.data.fill_(-2.0)
+    m.save_pretrained(str(other))
     cfg = EvalConfig(split=("test", "ood"), n=3, n_train=60, max_new_tokens=8, batch_size=2, device="cpu",
                      progress=False)
     alone = [evaluate(EvalConfig(**{**asdict(cfg), "model": str(m), "out": None})) for m in (tiny_model, other)]
