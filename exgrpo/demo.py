@@ -408,19 +408,16 @@ def stage_eval(cfg: DemoConfig, run: Path, arms: list[str], seed: int) -> dict[s
     eval.json a resumed stage already wrote is not evaluated again."""
     from exgrpo.evaluate import EvalConfig, evaluate_many_in_subprocess
     splits = ["test", "ood"] + (["val"] if cfg.eval_val and (run / "data" / "val.jsonl").stat().st_size else [])
-    todo = []
-    for arm in arms:
-        arm_dir = run / "arms" / f"seed{seed}" / arm
-        if not (arm_dir / "eval.json").exists():
-            todo.append((arm_dir / "export", EvalConfig(
-                task="synthetic", data=tuple(f"{s}={run / 'data' / (s + '.jsonl')}" for s in splits),
-                max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, device="cpu",
-                out=str(arm_dir / "eval.json"), progress=False)))
+    ec = EvalConfig(task="synthetic", data=tuple(f"{s}={run / 'data' / (s + '.jsonl')}" for s in splits),
+                    max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, device="cpu",
+                    progress=False)
+    dirs = [run / "arms" / f"seed{seed}" / arm for arm in arms]
+    todo = [(d / "export", replace(ec, out=str(d / "eval.json"))) for d in dirs if not (d / "eval.json").exists()]
     if todo:
         evaluate_many_in_subprocess(todo)
     info = {}
-    for arm in arms:
-        rep = json.loads((run / "arms" / f"seed{seed}" / arm / "eval.json").read_text(encoding="utf-8"))
+    for arm, d in zip(arms, dirs):
+        rep = json.loads((d / "eval.json").read_text(encoding="utf-8"))
         info[arm] = {"accuracy": rep["accuracy"], "n": {r["split"]: r["n"] for r in rep["results"]},
                      "model": rep["model"], "seconds": rep["seconds"]}
     return info

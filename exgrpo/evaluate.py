@@ -177,15 +177,14 @@ def generate_answers(lm: Any, prompts: list[str], batch_size: int, progress: boo
     """One greedy answer per prompt, each prompt alone as the user turn. Batches are formed from
     prompts of similar length (less left padding); answers come back in the prompts' order."""
     from exgrpo.models import END_OF_TURN
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    from exgrpo.probes.local_model import length_batches
     answers: list[str] = [""] * len(prompts)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(prompts), unit="q", desc=desc, dynamic_ncols=True)
     try:
-        for s in range(0, len(order), max(1, batch_size)):
-            idx = order[s:s + batch_size]
+        for idx in length_batches(prompts, batch_size):
             outs = lm.generate([[{"role": "user", "content": prompts[i]}] for i in idx])
             for i, o in zip(idx, outs):
                 answers[i] = o.split(END_OF_TURN, 1)[0]

@@ -4,6 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 
+def length_batches(texts: list[str], batch_size: int) -> list[list[int]]:
+    """Indices of `texts` in batches of at most `batch_size`, shortest first: a batch holds texts of similar
+    length (little left padding; for generation, answers of similar length, so it stops with its longest)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    step = max(1, batch_size)
+    return [order[i:i + step] for i in range(0, len(order), step)]
+
+
 class LocalChatModel:
     def __init__(self, model_dir: str, max_new_tokens: int = 256, device: str = "cpu"):
         import torch

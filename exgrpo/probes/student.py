@@ -25,10 +25,9 @@ class TransformersStudent:
         """One greedy answer per prompt, in the prompts' order. Batches are formed from prompts of similar
         length (a probe rule's prompts, whose answers are of similar length too): less left padding, and a
         batch stops when its longest answer does."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        from exgrpo.probes.local_model import length_batches
         out: list[str] = [""] * len(prompts)
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
+        for idx in length_batches(prompts, self.batch_size):
             for j, text in zip(idx, self._m.generate([[{"role": "user", "content": prompts[j]}] for j in idx])):
                 out[j] = text
         return out
